@@ -1,0 +1,477 @@
+//! A profile's in-memory state and the rules for changing it.
+//!
+//! Owns trait times (late events never undo newer facts), trait budgets, the timeline
+//! index, first/last seen, and the `changes` of `user.updated`. The shard actor is the only
+//! caller that mutates a [`Profile`]; everything here is synchronous and pure.
+
+use serde::Serialize;
+use serde::ser::SerializeMap;
+
+use super::event::{EventKind, EventRef};
+use super::identity::{IdType, Identity};
+use super::ids::ProfileId;
+use super::value::{Sym, Value, trait_keys};
+use crate::segment::timefmt::format_ms;
+
+/// An identity held by a profile, with when it was first seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldIdentity {
+    /// The identity.
+    pub identity: Identity,
+    /// Server time it was linked.
+    pub first_seen: i64,
+}
+
+/// One top-level trait with the time of its last set or unset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraitSlot {
+    /// Interned key.
+    pub key: Sym,
+    /// The value; None is a tombstone (unset, remembered so older sets stay ignored).
+    pub value: Option<Value>,
+    /// Time of the fact that set it (event time for messages).
+    pub time: i64,
+}
+
+/// One change to a trait, for `user.updated`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraitChange {
+    /// Trait key.
+    pub key: Sym,
+    /// Value before (None: absent).
+    pub from: Option<Value>,
+    /// Value after (None: unset).
+    pub to: Option<Value>,
+}
+
+/// How trait times are decided for an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraitTime {
+    /// A message or mapping: applies only if not older than the key's time.
+    Event(i64),
+    /// PATCH or import: max(now, key's time), so it always applies.
+    Now(i64),
+}
+
+/// Why a trait update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TraitLimitError {
+    /// Too many top-level keys.
+    #[error("the profile would hold {count} top-level trait keys, more than the limit of {limit}")]
+    TooManyKeys {
+        /// Keys after the update.
+        count: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// Traits too large as JSON.
+    #[error(
+        "the profile's traits would take {bytes} bytes as JSON, more than the limit of {limit}"
+    )]
+    TooManyBytes {
+        /// Bytes after the update.
+        bytes: usize,
+        /// Limit.
+        limit: usize,
+    },
+}
+
+/// Trait budget of one profile.
+#[derive(Debug, Clone, Copy)]
+pub struct TraitLimits {
+    /// Most top-level keys.
+    pub max_keys: usize,
+    /// Most bytes as JSON.
+    pub max_bytes: usize,
+}
+
+/// A profile: identities, traits, timeline index and times. Around 1 KiB for a typical
+/// profile; events themselves live in the shard's log.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    /// Its id.
+    pub id: ProfileId,
+    /// Server time it was created.
+    pub created_at: i64,
+    /// Server time of its last change.
+    pub updated_at: i64,
+    /// Earliest event time (i64::MAX: none yet).
+    pub first_seen: i64,
+    /// Latest event time (i64::MIN: none yet).
+    pub last_seen: i64,
+    /// Identities it holds.
+    pub identities: Vec<HeldIdentity>,
+    /// Traits, sorted by interned key.
+    pub traits: Vec<TraitSlot>,
+    /// Live (non-tombstone) keys.
+    pub live_keys: u32,
+    /// Approximate size of the traits as JSON.
+    pub trait_bytes: u32,
+    /// Timeline index, sorted by (timestamp, seq).
+    pub events: Vec<EventRef>,
+    /// Ids absorbed into this one.
+    pub merged_from: Vec<ProfileId>,
+}
+
+/// Size a slot adds to the JSON object: `"key":value,`.
+fn slot_bytes(key: &str, v: &Value) -> usize {
+    key.len() + 4 + v.json_len()
+}
+
+impl Profile {
+    /// A new, empty profile.
+    pub fn new(id: ProfileId, now: i64) -> Profile {
+        Profile {
+            id,
+            created_at: now,
+            updated_at: now,
+            first_seen: i64::MAX,
+            last_seen: i64::MIN,
+            identities: Vec::new(),
+            traits: Vec::new(),
+            live_keys: 0,
+            trait_bytes: 2,
+            events: Vec::new(),
+            merged_from: Vec::new(),
+        }
+    }
+
+    /// Adds an identity unless it is already held.
+    pub fn add_identity(&mut self, identity: Identity, first_seen: i64) {
+        if !self.identities.iter().any(|h| h.identity == identity) {
+            self.identities.push(HeldIdentity {
+                identity,
+                first_seen,
+            });
+        }
+    }
+
+    /// Count of identities of a type, optionally only those first seen after `since`.
+    pub fn count_identities(&self, ty: IdType, since: Option<i64>) -> usize {
+        self.identities
+            .iter()
+            .filter(|h| h.identity.ty == ty && since.is_none_or(|s| h.first_seen > s))
+            .count()
+    }
+
+    /// The value of a top-level trait.
+    pub fn trait_value(&self, key: Sym) -> Option<&Value> {
+        self.slot(key).and_then(|s| s.value.as_ref())
+    }
+
+    fn slot(&self, key: Sym) -> Option<&TraitSlot> {
+        self.traits
+            .binary_search_by_key(&key, |s| s.key)
+            .ok()
+            .map(|i| &self.traits[i])
+    }
+
+    /// Works out what `updates` (null = unset) would change, without changing anything,
+    /// and checks the trait budget. Keys are in the map's order.
+    pub fn plan_traits(
+        &self,
+        updates: &serde_json::Map<String, serde_json::Value>,
+        time: TraitTime,
+        limits: TraitLimits,
+    ) -> Result<Vec<PlannedTrait>, TraitLimitError> {
+        let mut plan = Vec::with_capacity(updates.len());
+        let mut keys = self.live_keys as i64;
+        let mut bytes = self.trait_bytes as i64;
+        for (name, raw) in updates {
+            let key = trait_keys().intern(name);
+            let slot = self.slot(key);
+            let slot_time = slot.map(|s| s.time).unwrap_or(i64::MIN);
+            let at = match time {
+                TraitTime::Event(t) => {
+                    if t < slot_time {
+                        continue; // a late event never undoes a newer fact
+                    }
+                    t
+                }
+                TraitTime::Now(now) => now.max(slot_time),
+            };
+            let new = if raw.is_null() {
+                None
+            } else {
+                Some(Value::from_json(raw.clone()))
+            };
+            let old = slot.and_then(|s| s.value.as_ref());
+            if let Some(o) = old {
+                keys -= 1;
+                bytes -= slot_bytes(name, o) as i64;
+            }
+            if let Some(n) = &new {
+                keys += 1;
+                bytes += slot_bytes(name, n) as i64;
+            }
+            let changed = old != new.as_ref();
+            plan.push(PlannedTrait {
+                key,
+                value: new,
+                time: at,
+                changed,
+            });
+        }
+        if keys as usize > limits.max_keys && keys > self.live_keys as i64 {
+            return Err(TraitLimitError::TooManyKeys {
+                count: keys as usize,
+                limit: limits.max_keys,
+            });
+        }
+        if bytes as usize > limits.max_bytes && bytes > self.trait_bytes as i64 {
+            return Err(TraitLimitError::TooManyBytes {
+                bytes: bytes as usize,
+                limit: limits.max_bytes,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Applies a plan made by [`Profile::plan_traits`]; returns the changes for `user.updated`.
+    pub fn commit_traits(&mut self, plan: Vec<PlannedTrait>, now: i64) -> Vec<TraitChange> {
+        let mut changes = Vec::new();
+        for p in plan {
+            let name = trait_keys().name(p.key);
+            match self.traits.binary_search_by_key(&p.key, |s| s.key) {
+                Ok(i) => {
+                    let slot = &mut self.traits[i];
+                    let old = slot.value.take();
+                    if let Some(o) = &old {
+                        self.live_keys -= 1;
+                        self.trait_bytes -= slot_bytes(&name, o) as u32;
+                    }
+                    if let Some(n) = &p.value {
+                        self.live_keys += 1;
+                        self.trait_bytes += slot_bytes(&name, n) as u32;
+                    }
+                    slot.value = p.value.clone();
+                    slot.time = p.time;
+                    if p.changed {
+                        changes.push(TraitChange {
+                            key: p.key,
+                            from: old,
+                            to: p.value,
+                        });
+                    }
+                }
+                Err(i) => {
+                    if let Some(n) = &p.value {
+                        self.live_keys += 1;
+                        self.trait_bytes += slot_bytes(&name, n) as u32;
+                    }
+                    self.traits.insert(
+                        i,
+                        TraitSlot {
+                            key: p.key,
+                            value: p.value.clone(),
+                            time: p.time,
+                        },
+                    );
+                    if p.changed {
+                        changes.push(TraitChange {
+                            key: p.key,
+                            from: None,
+                            to: p.value,
+                        });
+                    }
+                }
+            }
+        }
+        if !changes.is_empty() {
+            self.updated_at = now;
+        }
+        changes
+    }
+
+    /// Records an event in the timeline index (kept sorted) and in first/last seen.
+    pub fn add_event(&mut self, r: EventRef) {
+        if r.kind != EventKind::System {
+            self.first_seen = self.first_seen.min(r.ts_ms);
+            self.last_seen = self.last_seen.max(r.ts_ms);
+        }
+        let at = match self.events.last() {
+            Some(last) if last.key() > r.key() => {
+                self.events.partition_point(|e| e.key() < r.key())
+            }
+            _ => self.events.len(),
+        };
+        self.events.insert(at, r);
+    }
+
+    /// Drops the oldest events beyond `max` and those received before `min_received_s`;
+    /// returns how many were dropped.
+    pub fn trim_events(&mut self, max: usize, min_received_s: u32) -> usize {
+        let before = self.events.len();
+        if min_received_s > 0 {
+            self.events.retain(|e| e.received_s >= min_received_s);
+        }
+        if self.events.len() > max {
+            let extra = self.events.len() - max;
+            self.events.drain(..extra);
+        }
+        before - self.events.len()
+    }
+
+    /// A view that serialises as the API's profile object.
+    pub fn view<'a>(&'a self, segments: &'a [String]) -> ProfileView<'a> {
+        ProfileView {
+            profile: self,
+            segments,
+        }
+    }
+
+    /// Traits as the API shows them (sorted by key; tombstones left out).
+    pub fn traits_view(&self) -> TraitsView<'_> {
+        TraitsView(self)
+    }
+}
+
+/// One planned trait write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTrait {
+    /// Key.
+    pub key: Sym,
+    /// New value (None: unset).
+    pub value: Option<Value>,
+    /// New key time.
+    pub time: i64,
+    /// Whether the value differs from the current one.
+    pub changed: bool,
+}
+
+/// The traits object of a profile, serialised without copying.
+pub struct TraitsView<'a>(&'a Profile);
+
+impl Serialize for TraitsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut live: Vec<(std::sync::Arc<str>, &Value)> = self
+            .0
+            .traits
+            .iter()
+            .filter_map(|t| t.value.as_ref().map(|v| (trait_keys().name(t.key), v)))
+            .collect();
+        live.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut map = s.serialize_map(Some(live.len()))?;
+        for (k, v) in live {
+            map.serialize_entry(&*k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// The profile object of the API.
+pub struct ProfileView<'a> {
+    profile: &'a Profile,
+    segments: &'a [String],
+}
+
+impl Serialize for ProfileView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Ident<'a> {
+            #[serde(rename = "type")]
+            ty: &'a str,
+            value: &'a str,
+            first_seen: String,
+        }
+        let p = self.profile;
+        let idents: Vec<(std::sync::Arc<str>, &HeldIdentity)> = p
+            .identities
+            .iter()
+            .map(|h| (h.identity.ty.name(), h))
+            .collect();
+        let idents: Vec<Ident<'_>> = idents
+            .iter()
+            .map(|(ty, h)| Ident {
+                ty,
+                value: &h.identity.value,
+                first_seen: format_ms(h.first_seen),
+            })
+            .collect();
+        let mut map = s.serialize_map(Some(9))?;
+        map.serialize_entry("id", &p.id.to_string())?;
+        map.serialize_entry("identities", &idents)?;
+        map.serialize_entry("traits", &p.traits_view())?;
+        map.serialize_entry("created_at", &format_ms(p.created_at))?;
+        map.serialize_entry("updated_at", &format_ms(p.updated_at))?;
+        let seen = |t: i64| (t != i64::MAX && t != i64::MIN).then(|| format_ms(t));
+        map.serialize_entry("first_seen", &seen(p.first_seen))?;
+        map.serialize_entry("last_seen", &seen(p.last_seen))?;
+        map.serialize_entry("segments", self.segments)?;
+        let merged: Vec<String> = p.merged_from.iter().map(|m| m.to_string()).collect();
+        map.serialize_entry("merged_from", &merged)?;
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: TraitLimits = TraitLimits {
+        max_keys: 3,
+        max_bytes: 1000,
+    };
+
+    fn obj(s: &str) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn late_events_do_not_undo_newer_facts() {
+        let mut p = Profile::new(ProfileId::new(1, 0, 1), 1);
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"pro"}"#), TraitTime::Event(100), LIMITS)
+            .unwrap();
+        assert_eq!(p.commit_traits(plan, 1).len(), 1);
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"free"}"#), TraitTime::Event(50), LIMITS)
+            .unwrap();
+        assert!(p.commit_traits(plan, 2).is_empty());
+        assert_eq!(
+            serde_json::to_string(&p.traits_view()).unwrap(),
+            r#"{"plan":"pro"}"#
+        );
+        // Equal time: the later arrival wins.
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"free"}"#), TraitTime::Event(100), LIMITS)
+            .unwrap();
+        assert_eq!(p.commit_traits(plan, 3).len(), 1);
+        // Unset leaves a tombstone that stops an older set.
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":null}"#), TraitTime::Event(200), LIMITS)
+            .unwrap();
+        assert_eq!(p.commit_traits(plan, 4).len(), 1);
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"x"}"#), TraitTime::Event(150), LIMITS)
+            .unwrap();
+        assert!(p.commit_traits(plan, 5).is_empty());
+        assert_eq!(serde_json::to_string(&p.traits_view()).unwrap(), "{}");
+        assert_eq!(p.live_keys, 0);
+        // PATCH always applies.
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"y"}"#), TraitTime::Now(10), LIMITS)
+            .unwrap();
+        assert_eq!(p.commit_traits(plan, 6).len(), 1);
+    }
+
+    #[test]
+    fn budget_is_enforced_and_tracked() {
+        let mut p = Profile::new(ProfileId::new(1, 0, 1), 1);
+        let plan = p
+            .plan_traits(&obj(r#"{"a":1,"b":2,"c":3}"#), TraitTime::Now(1), LIMITS)
+            .unwrap();
+        p.commit_traits(plan, 1);
+        assert!(matches!(
+            p.plan_traits(&obj(r#"{"d":4}"#), TraitTime::Now(1), LIMITS),
+            Err(TraitLimitError::TooManyKeys { .. })
+        ));
+        // Replacing or removing stays possible at the limit.
+        assert!(
+            p.plan_traits(&obj(r#"{"a":5,"b":null}"#), TraitTime::Now(1), LIMITS)
+                .is_ok()
+        );
+        let json = serde_json::to_string(&p.traits_view()).unwrap();
+        assert_eq!(p.trait_bytes as usize, json.len() + 1);
+    }
+}

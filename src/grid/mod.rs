@@ -1,0 +1,431 @@
+//! The actor grid: shard actors hosting profiles as virtual actors, the registry that
+//! routes to them, the clock and timer service, and the trait-path catalog.
+//!
+//! [`Grid`] is the handle the rest of the server holds: it groups work by shard and sends
+//! one actor message per shard per request (`do_send` with a oneshot reply). It owns
+//! admission (a full shard queue becomes `overloaded` before anything is logged). It must
+//! not parse HTTP or know about status codes.
+
+pub mod catalog;
+pub mod clock;
+pub mod registry;
+pub mod shard;
+pub mod timer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use actix::{Actor, Addr, Arbiter};
+use tokio::sync::oneshot;
+
+use crate::config::Settings;
+use crate::domain::ids::ProfileId;
+use crate::error::{ErrorCode, Problem};
+use crate::store::log::{LogReader, LogRecord, Position};
+use catalog::Catalog;
+use clock::Clock;
+use registry::Registry;
+use shard::{
+    ApplyBatch, ApplyItem, CountProfiles, DeleteProfile, EventFilter, EventHit, FlushLog,
+    GetProfiles, ListProfiles, PatchTraits, QueryEvents, ReadTimeline, Shard, ShardContext,
+    SweepRetention,
+};
+use timer::Timers;
+
+/// Handle on the running grid; cheap to share behind an `Arc`.
+pub struct Grid {
+    /// Shard actors, indexed by shard number.
+    shards: Vec<Addr<Shard>>,
+    /// Messages queued per shard (admission control).
+    depths: Vec<Arc<AtomicUsize>>,
+    /// The Arbiters (threads) the shards run on; kept to stop them at shutdown.
+    arbiters: parking_lot::Mutex<Vec<Arbiter>>,
+    /// Identity index and routing.
+    pub registry: Arc<Registry>,
+    /// Random-access reads of the logs.
+    pub reader: Arc<LogReader>,
+    /// Server time.
+    pub clock: Arc<Clock>,
+    /// Deferred actions.
+    pub timers: Arc<Timers>,
+    /// Settings in force.
+    pub settings: Arc<Settings>,
+    /// Trait paths seen.
+    pub catalog: Arc<Catalog>,
+    /// Next accept sequence number.
+    pub next_seq: Arc<AtomicU64>,
+}
+
+/// The actor is gone: only during shutdown.
+fn gone() -> Problem {
+    Problem::new(ErrorCode::Unavailable, "the server is shutting down")
+}
+
+impl Grid {
+    /// Opens every shard (replaying its log, in parallel) and starts each on its own
+    /// Arbiter. Must run inside an actix `System`.
+    pub async fn start(
+        settings: Arc<Settings>,
+        shard_count: u16,
+        registry: Arc<Registry>,
+        timers: Arc<Timers>,
+    ) -> std::io::Result<Arc<Grid>> {
+        let clock = timers.clock().clone();
+        let ctx = Arc::new(ShardContext {
+            settings: settings.clone(),
+            registry: registry.clone(),
+            clock: clock.clone(),
+            next_seq: Arc::new(AtomicU64::new(1)),
+            catalog: Arc::new(Catalog::default()),
+            data_dir: settings.data_dir.clone(),
+        });
+        let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
+            .map(|_| Arc::new(AtomicUsize::new(0)))
+            .collect();
+        let opened = {
+            let ctx = ctx.clone();
+            let depths = depths.clone();
+            tokio::task::spawn_blocking(move || {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..shard_count)
+                        .map(|i| {
+                            let ctx = ctx.clone();
+                            let depth = depths[i as usize].clone();
+                            s.spawn(move || Shard::open(i, ctx, depth))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("shard open panicked"))
+                        .collect::<std::io::Result<Vec<Shard>>>()
+                })
+            })
+            .await
+            .expect("shard open task")?
+        };
+        let mut arbiters = Vec::with_capacity(opened.len());
+        let mut shards = Vec::with_capacity(opened.len());
+        for shard in opened {
+            let arbiter = Arbiter::new();
+            shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| shard));
+            arbiters.push(arbiter);
+        }
+        metrics::gauge!("user360_profiles").set(registry.profile_count() as f64);
+        let grid = Arc::new(Grid {
+            shards,
+            depths,
+            arbiters: parking_lot::Mutex::new(arbiters),
+            registry,
+            reader: Arc::new(LogReader::new(&settings.data_dir)),
+            clock,
+            timers,
+            catalog: ctx.catalog.clone(),
+            next_seq: ctx.next_seq.clone(),
+            settings,
+        });
+        grid.schedule_retention();
+        Ok(grid)
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Runs the retention sweep every hour of server time.
+    fn schedule_retention(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let due = self.clock.now_ms() + 3_600_000;
+        self.timers.schedule(
+            due,
+            Box::new(move |_| {
+                Box::pin(async move {
+                    if let Some(grid) = weak.upgrade() {
+                        let mut dropped = 0;
+                        for addr in &grid.shards {
+                            let (tx, rx) = oneshot::channel();
+                            addr.do_send(SweepRetention { reply: tx });
+                            dropped += rx.await.unwrap_or(0);
+                        }
+                        if dropped > 0 {
+                            tracing::info!(dropped, "retention sweep dropped events");
+                        }
+                        grid.schedule_retention();
+                    }
+                })
+            }),
+        );
+    }
+
+    /// Admission: refuses `n` more messages when any shard's queue is full, before
+    /// anything of the request is resolved or logged.
+    pub fn admit(&self, n: usize) -> Result<(), Problem> {
+        let limit = self.settings.ingest.shard_queue_messages;
+        for (i, d) in self.depths.iter().enumerate() {
+            let depth = d.load(Ordering::Acquire);
+            metrics::gauge!("user360_shard_queue_depth", "shard" => i.to_string())
+                .set(depth as f64);
+            if depth + n > limit.max(n) {
+                return Err(Problem::new(
+                    ErrorCode::Overloaded,
+                    format!("shard {i} has {depth} messages queued (limit {limit}); retry shortly"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies resolved messages: one actor message per shard, answers in item order.
+    pub async fn apply(&self, items: Vec<ApplyItem>) -> Vec<(usize, Result<(), Problem>)> {
+        let mut by_shard: Vec<Vec<ApplyItem>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for item in items {
+            by_shard[item.resolution.profile.shard() as usize].push(item);
+        }
+        let mut waits = Vec::new();
+        for (i, items) in by_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let indexes: Vec<usize> = items.iter().map(|it| it.index).collect();
+            self.depths[i].fetch_add(items.len(), Ordering::AcqRel);
+            self.shards[i].do_send(ApplyBatch { items, reply: tx });
+            waits.push((indexes, rx));
+        }
+        let mut out = Vec::new();
+        for (indexes, rx) in waits {
+            match rx.await {
+                Ok(results) => out.extend(results),
+                Err(_) => out.extend(indexes.into_iter().map(|i| (i, Err(gone())))),
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+
+    /// The API's profile object for an id.
+    pub async fn profile_json(&self, id: ProfileId) -> Option<String> {
+        let addr = self.shards.get(id.shard() as usize)?;
+        let (tx, rx) = oneshot::channel();
+        addr.do_send(GetProfiles {
+            ids: vec![id],
+            reply: tx,
+        });
+        rx.await.ok()?.pop().flatten()
+    }
+
+    /// Profile objects for many ids (one actor message per shard).
+    pub async fn profiles_json(&self, ids: &[ProfileId]) -> Vec<Option<String>> {
+        let mut by_shard: Vec<Vec<(usize, ProfileId)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(v) = by_shard.get_mut(id.shard() as usize) {
+                v.push((i, *id));
+            }
+        }
+        let mut out = vec![None; ids.len()];
+        for (s, list) in by_shard.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.shards[s].do_send(GetProfiles {
+                ids: list.iter().map(|(_, id)| *id).collect(),
+                reply: tx,
+            });
+            if let Ok(found) = rx.await {
+                for ((i, _), json) in list.into_iter().zip(found) {
+                    out[i] = json;
+                }
+            }
+        }
+        out
+    }
+
+    /// Newest-first events of one profile; None when it does not exist.
+    pub async fn timeline(
+        &self,
+        id: ProfileId,
+        filter: EventFilter,
+        limit: usize,
+    ) -> Option<Vec<EventHit>> {
+        let addr = self.shards.get(id.shard() as usize)?;
+        let (tx, rx) = oneshot::channel();
+        addr.do_send(ReadTimeline {
+            profile: id,
+            filter,
+            limit,
+            reply: tx,
+        });
+        rx.await.ok().flatten()
+    }
+
+    /// Newest-first events across all profiles (each shard returns its best `limit`).
+    pub async fn query_events(&self, filter: EventFilter, limit: usize) -> Vec<EventHit> {
+        let mut waits = Vec::with_capacity(self.shards.len());
+        for addr in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(QueryEvents {
+                filter: filter.clone(),
+                limit,
+                reply: tx,
+            });
+            waits.push(rx);
+        }
+        let mut all = Vec::new();
+        for rx in waits {
+            all.extend(rx.await.unwrap_or_default());
+        }
+        all.sort_by(|a, b| (b.ts_ms, b.seq).cmp(&(a.ts_ms, a.seq)));
+        all.truncate(limit);
+        all
+    }
+
+    /// Reads a stored event's JSON (without `profile_id`).
+    pub fn read_event(&self, pos: Position) -> std::io::Result<String> {
+        match self.reader.read(pos)? {
+            LogRecord::Event(e) => Ok(e.json),
+            other => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "position {pos} holds a {:?} record, not an event",
+                    other.seq()
+                ),
+            )),
+        }
+    }
+
+    /// Profile ids in ascending order after `after` (k-way merge of the shards' ranges).
+    pub async fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Vec<ProfileId> {
+        let mut waits = Vec::with_capacity(self.shards.len());
+        for addr in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(ListProfiles {
+                after,
+                limit,
+                reply: tx,
+            });
+            waits.push(rx);
+        }
+        let mut all = Vec::new();
+        for rx in waits {
+            all.extend(rx.await.unwrap_or_default());
+        }
+        all.sort_unstable();
+        all.truncate(limit);
+        all
+    }
+
+    /// Number of profiles across shards.
+    pub async fn count_profiles(&self) -> usize {
+        let mut total = 0;
+        for addr in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(CountProfiles { reply: tx });
+            total += rx.await.unwrap_or(0);
+        }
+        total
+    }
+
+    /// Sets traits on a resolved profile; answers the profile object.
+    pub async fn patch_traits(
+        &self,
+        resolution: registry::Resolution,
+        traits: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, Problem> {
+        let addr = &self.shards[resolution.profile.shard() as usize];
+        let (tx, rx) = oneshot::channel();
+        addr.do_send(PatchTraits {
+            resolution,
+            traits,
+            reply: tx,
+        });
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Erases a profile; false when it did not exist.
+    pub async fn delete_profile(&self, id: ProfileId) -> Result<bool, Problem> {
+        let addr = &self.shards[id.shard() as usize];
+        let (tx, rx) = oneshot::channel();
+        addr.do_send(DeleteProfile {
+            profile: id,
+            reply: tx,
+        });
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Flushes every shard's log to disk and stops the shard threads (shutdown).
+    pub async fn shutdown(&self) {
+        for (i, addr) in self.shards.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(FlushLog { reply: tx });
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(shard = i, error = %e, "final flush failed"),
+                Err(_) => tracing::warn!(shard = i, "shard already stopped"),
+            }
+        }
+        for a in self.arbiters.lock().drain(..) {
+            a.stop();
+        }
+    }
+}
+
+impl Grid {
+    /// The profile a key names, if any.
+    pub fn find(&self, key: &crate::domain::identity::ProfileKey) -> Option<ProfileId> {
+        use crate::domain::identity::ProfileKey;
+        match key {
+            ProfileKey::Id(id) => self.registry.exists(*id).then_some(*id),
+            ProfileKey::Identity(i) => self.registry.lookup(i),
+            ProfileKey::Nothing => None,
+        }
+    }
+
+    /// `PATCH /v1/profiles/{key}/traits`: creates the profile for an identity key, links
+    /// `email`/`phone` traits as identities (ingest rules), then sets the traits.
+    pub async fn patch_by_key(
+        &self,
+        key: &crate::domain::identity::ProfileKey,
+        traits: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, Problem> {
+        use crate::domain::identity::{IdType, Identity, ProfileKey, normalize};
+        let now = self.clock.now_ms();
+        let not_found = || Problem::new(ErrorCode::NotFound, "no profile holds that key");
+        let mut resolution = match (key, self.find(key)) {
+            (_, Some(pid)) => registry::Resolution {
+                profile: pid,
+                created: false,
+                linked: Vec::new(),
+                dropped: 0,
+                conflict: false,
+                refused: false,
+            },
+            (ProfileKey::Identity(id), None) => self
+                .registry
+                .resolve(std::slice::from_ref(id), now)
+                .map_err(|e| Problem::new(ErrorCode::MissingId, e.to_string()))?,
+            _ => return Err(not_found()),
+        };
+        let mut extra = Vec::new();
+        for (name, ty) in [("email", IdType::EMAIL), ("phone", IdType::PHONE)] {
+            if let Some(serde_json::Value::String(v)) = traits.get(name) {
+                if let Some(v) = normalize(ty, v) {
+                    if !self.registry.rules().is_blocked(ty, &v) {
+                        extra.push(Identity {
+                            ty,
+                            value: v.into_boxed_str(),
+                        });
+                    }
+                }
+            }
+        }
+        if !extra.is_empty() {
+            resolution
+                .linked
+                .extend(self.registry.link_onto(resolution.profile, &extra, now));
+        }
+        self.patch_traits(resolution, traits).await
+    }
+}

@@ -1,0 +1,481 @@
+//! The sharded registry: the identity index `(type, value) → profile id` and the rules
+//! for linking a message's identities to one profile.
+//!
+//! Owns which profile holds which identity. Routing needs no actor hop: the index is a
+//! `DashMap` of 128-bit identity fingerprints, and the profile id carries its shard.
+//! Linking to one profile is serialised by that profile's entry in `owners`, so two
+//! requests can never push a profile over an identity limit together. It must not touch
+//! profile state: shards hold that and apply what the registry decided.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::domain::identity::{IdType, Identity, IdentityRules};
+use crate::domain::ids::ProfileId;
+
+/// What the registry decided for one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The profile the message goes to.
+    pub profile: ProfileId,
+    /// Whether the message creates it.
+    pub created: bool,
+    /// Identities newly linked to it (with their first-seen time).
+    pub linked: Vec<(Identity, i64)>,
+    /// How many of the message's identities were dropped to respect limits.
+    pub dropped: usize,
+    /// The message named identities of two or more profiles (merging is not done here).
+    pub conflict: bool,
+    /// A link was refused (alias over a limit): nothing was linked.
+    pub refused: bool,
+}
+
+/// Why no profile could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// Nothing usable was left after limits.
+    #[error("no identity of the message can be linked within the identity limits")]
+    NoUsableIdentity,
+}
+
+/// Identity types (and first-seen times) of one profile, for limit checks.
+type OwnerEntry = Vec<(IdType, i64)>;
+
+/// The identity index and per-profile identity counts.
+pub struct Registry {
+    /// Identity fingerprint → profile.
+    index: DashMap<u128, ProfileId>,
+    /// Profile → the types of the identities it holds.
+    owners: DashMap<ProfileId, OwnerEntry>,
+    /// How many shards exist (new profiles are spread over them).
+    shards: u16,
+    /// Limits, priority, blocked values.
+    rules: Arc<IdentityRules>,
+}
+
+impl Registry {
+    /// An empty registry for `shards` shards.
+    pub fn new(shards: u16, rules: Arc<IdentityRules>) -> Registry {
+        Registry {
+            index: DashMap::new(),
+            owners: DashMap::new(),
+            shards,
+            rules,
+        }
+    }
+
+    /// The identity rules in force.
+    pub fn rules(&self) -> &IdentityRules {
+        &self.rules
+    }
+
+    /// The profile holding an identity.
+    pub fn lookup(&self, identity: &Identity) -> Option<ProfileId> {
+        self.index.get(&identity.hash()).map(|p| *p)
+    }
+
+    /// Whether a profile id is known (created and not erased).
+    pub fn exists(&self, id: ProfileId) -> bool {
+        self.owners.contains_key(&id)
+    }
+
+    /// Number of profiles.
+    pub fn profile_count(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Picks a shard for a new profile from its first identity, so load spreads evenly.
+    fn shard_for(&self, first: &Identity) -> u16 {
+        (first.hash() % self.shards as u128) as u16
+    }
+
+    /// Index of the identity a limit forces out, if `extra` added to `held` breaks a limit.
+    fn over_limit(
+        &self,
+        held: &[(IdType, i64)],
+        message: &[Identity],
+        extra: &[usize],
+        now: i64,
+    ) -> Option<usize> {
+        for &i in extra {
+            let ty = message[i].ty;
+            let Some(limit) = self.rules.limit(ty) else {
+                continue;
+            };
+            let since = limit.per_ms.map(|p| now - p);
+            let existing = held
+                .iter()
+                .filter(|(t, seen)| *t == ty && since.is_none_or(|s| *seen > s))
+                .count();
+            let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
+            if existing + added > limit.max {
+                return self.rules.lowest_priority(message);
+            }
+        }
+        None
+    }
+
+    /// Resolves a message's identities (normalised, unblocked, in message order) to one
+    /// profile, creating or linking as needed. When a limit would be broken the message's
+    /// lowest-priority identity is dropped and the rest retried.
+    pub fn resolve(&self, identities: &[Identity], now: i64) -> Result<Resolution, ResolveError> {
+        let mut ids: Vec<Identity> = identities.to_vec();
+        let mut dropped = 0;
+        loop {
+            if ids.is_empty() {
+                return Err(ResolveError::NoUsableIdentity);
+            }
+            let found: Vec<Option<ProfileId>> = ids.iter().map(|i| self.lookup(i)).collect();
+            let mut distinct: Vec<ProfileId> = found.iter().flatten().copied().collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let target = match distinct.len() {
+                0 => None,
+                1 => Some(distinct[0]),
+                _ => {
+                    // Until merges exist: the profile of the highest-priority held identity.
+                    let best = (0..ids.len())
+                        .filter(|&i| found[i].is_some())
+                        .min_by(|&a, &b| {
+                            self.rules
+                                .compare_priority(ids[a].ty, ids[b].ty)
+                                .then(a.cmp(&b))
+                        })
+                        .expect("at least two held identities");
+                    found[best]
+                }
+            };
+            let unheld: Vec<usize> = (0..ids.len()).filter(|&i| found[i].is_none()).collect();
+            let outcome = match target {
+                None => self.try_create(&ids, now),
+                Some(p) => self.try_link(p, &ids, &unheld, now),
+            };
+            match outcome {
+                Attempt::Done(mut r) => {
+                    r.dropped = dropped;
+                    r.conflict = distinct.len() > 1;
+                    return Ok(r);
+                }
+                Attempt::Drop(i) => {
+                    ids.remove(i);
+                    dropped += 1;
+                }
+                Attempt::Retry => {}
+            }
+        }
+    }
+
+    fn try_create(&self, ids: &[Identity], now: i64) -> Attempt {
+        let all: Vec<usize> = (0..ids.len()).collect();
+        if let Some(i) = self.over_limit(&[], ids, &all, now) {
+            return Attempt::Drop(i);
+        }
+        let pid = ProfileId::new(now, self.shard_for(&ids[0]), rand::random());
+        let mut owner = self.owners.entry(pid).or_default();
+        match self.link_all(pid, &mut owner, ids, &all, now) {
+            Some(linked) => Attempt::Done(Resolution {
+                profile: pid,
+                created: true,
+                linked,
+                dropped: 0,
+                conflict: false,
+                refused: false,
+            }),
+            None => {
+                drop(owner);
+                self.owners.remove(&pid);
+                Attempt::Retry
+            }
+        }
+    }
+
+    fn try_link(&self, pid: ProfileId, ids: &[Identity], unheld: &[usize], now: i64) -> Attempt {
+        let Some(mut owner) = self.owners.get_mut(&pid) else {
+            return Attempt::Retry; // erased meanwhile: look again
+        };
+        if let Some(i) = self.over_limit(&owner, ids, unheld, now) {
+            return Attempt::Drop(i);
+        }
+        match self.link_all(pid, &mut owner, ids, unheld, now) {
+            Some(linked) => Attempt::Done(Resolution {
+                profile: pid,
+                created: false,
+                linked,
+                dropped: 0,
+                conflict: false,
+                refused: false,
+            }),
+            None => Attempt::Retry,
+        }
+    }
+
+    /// Links `which` of `ids` to `pid` while its owner entry is held. If another request
+    /// took one of them meanwhile, undoes this call's links and returns None.
+    fn link_all(
+        &self,
+        pid: ProfileId,
+        owner: &mut OwnerEntry,
+        ids: &[Identity],
+        which: &[usize],
+        now: i64,
+    ) -> Option<Vec<(Identity, i64)>> {
+        let mut linked: Vec<(Identity, i64)> = Vec::with_capacity(which.len());
+        for &i in which {
+            let id = &ids[i];
+            match self.index.entry(id.hash()) {
+                Entry::Vacant(v) => {
+                    v.insert(pid);
+                    owner.push((id.ty, now));
+                    linked.push((id.clone(), now));
+                }
+                Entry::Occupied(o) if *o.get() == pid => {}
+                Entry::Occupied(_) => {
+                    for (l, _) in &linked {
+                        self.index.remove(&l.hash());
+                        if let Some(at) = owner.iter().rposition(|(t, _)| *t == l.ty) {
+                            owner.remove(at);
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(linked)
+    }
+
+    /// Links extra identities onto a known profile (PATCH of email/phone traits): ones
+    /// held by other profiles are left alone, and limits drop the lowest-priority first.
+    pub fn link_onto(
+        &self,
+        pid: ProfileId,
+        identities: &[Identity],
+        now: i64,
+    ) -> Vec<(Identity, i64)> {
+        let mut ids: Vec<Identity> = identities.to_vec();
+        loop {
+            if ids.is_empty() {
+                return Vec::new();
+            }
+            let unheld: Vec<usize> = (0..ids.len())
+                .filter(|&i| self.lookup(&ids[i]).is_none())
+                .collect();
+            match self.try_link(pid, &ids, &unheld, now) {
+                Attempt::Done(r) => return r.linked,
+                Attempt::Drop(i) => {
+                    ids.remove(i);
+                }
+                Attempt::Retry => {
+                    if !self.exists(pid) {
+                        return Vec::new();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves an alias: both ids are looked up as `user_id` then `anonymous_id`; an
+    /// unheld `previous_id` is an anonymous id, an unheld `user_id` a user id. Linking is
+    /// all or nothing: over a limit nothing is linked and the event goes to the holder of
+    /// `user_id`, else of `previous_id`.
+    pub fn resolve_alias(
+        &self,
+        user_id: &str,
+        previous_id: &str,
+        now: i64,
+    ) -> Result<Resolution, ResolveError> {
+        let find = |value: &str, unheld: IdType| -> (Identity, Option<ProfileId>) {
+            for ty in [IdType::USER_ID, IdType::ANONYMOUS_ID] {
+                let id = Identity {
+                    ty,
+                    value: value.into(),
+                };
+                if let Some(p) = self.lookup(&id) {
+                    return (id, Some(p));
+                }
+            }
+            (
+                Identity {
+                    ty: unheld,
+                    value: value.into(),
+                },
+                None,
+            )
+        };
+        loop {
+            let (uid, uid_owner) = find(user_id, IdType::USER_ID);
+            let (prev, prev_owner) = find(previous_id, IdType::ANONYMOUS_ID);
+            let refused = |profile: ProfileId| Resolution {
+                profile,
+                created: false,
+                linked: Vec::new(),
+                dropped: 0,
+                conflict: false,
+                refused: true,
+            };
+            let attempt = match (uid_owner, prev_owner) {
+                (Some(a), Some(b)) if a == b || uid == prev => {
+                    return Ok(Resolution {
+                        refused: false,
+                        ..refused(a)
+                    });
+                }
+                (Some(a), Some(_)) => {
+                    // Two profiles: joining them is a merge (not done here); refuse the link.
+                    let mut r = refused(a);
+                    r.conflict = true;
+                    return Ok(r);
+                }
+                (Some(p), None) | (None, Some(p)) => {
+                    let ids = [uid.clone(), prev.clone()];
+                    let missing = if uid_owner.is_none() { 0 } else { 1 };
+                    match self.try_link(p, &ids, &[missing], now) {
+                        Attempt::Drop(_) => return Ok(refused(p)),
+                        other => other,
+                    }
+                }
+                (None, None) => {
+                    let ids: Vec<Identity> = if uid == prev {
+                        vec![uid.clone()]
+                    } else {
+                        vec![uid.clone(), prev.clone()]
+                    };
+                    match self.try_create(&ids, now) {
+                        Attempt::Drop(_) => return Err(ResolveError::NoUsableIdentity),
+                        other => other,
+                    }
+                }
+            };
+            if let Attempt::Done(r) = attempt {
+                return Ok(r);
+            }
+        }
+    }
+
+    /// Re-creates a link during replay (or undoes nothing if already there).
+    pub fn restore_link(&self, pid: ProfileId, identity: &Identity, first_seen: i64) {
+        let mut owner = self.owners.entry(pid).or_default();
+        if let Entry::Vacant(v) = self.index.entry(identity.hash()) {
+            v.insert(pid);
+            owner.push((identity.ty, first_seen));
+        }
+    }
+
+    /// Registers a profile that holds no identity yet (replay of a creation).
+    pub fn restore_profile(&self, pid: ProfileId) {
+        self.owners.entry(pid).or_default();
+    }
+
+    /// Undoes links made for a message that was then rejected.
+    pub fn unlink(&self, pid: ProfileId, identities: &[Identity]) {
+        let Some(mut owner) = self.owners.get_mut(&pid) else {
+            return;
+        };
+        for id in identities {
+            if self.index.remove_if(&id.hash(), |_, p| *p == pid).is_some() {
+                if let Some(at) = owner.iter().rposition(|(t, _)| *t == id.ty) {
+                    owner.remove(at);
+                }
+            }
+        }
+    }
+
+    /// Forgets a profile and every identity it holds (erasure).
+    pub fn remove_profile(&self, pid: ProfileId, identities: &[Identity]) {
+        let owner = self.owners.remove(&pid);
+        for id in identities {
+            self.index.remove_if(&id.hash(), |_, p| *p == pid);
+        }
+        drop(owner);
+    }
+}
+
+enum Attempt {
+    Done(Resolution),
+    Drop(usize),
+    Retry,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn reg() -> Registry {
+        Registry::new(
+            4,
+            Arc::new(IdentityRules::new(&Settings::defaults().identity)),
+        )
+    }
+
+    fn id(ty: IdType, v: &str) -> Identity {
+        Identity {
+            ty,
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn shared_anonymous_id_never_joins_two_users() {
+        let r = reg();
+        let anon = id(IdType::ANONYMOUS_ID, "kiosk");
+        let a = r.resolve(std::slice::from_ref(&anon), 1).unwrap();
+        assert!(a.created);
+        let ava = r
+            .resolve(&[id(IdType::USER_ID, "ava"), anon.clone()], 2)
+            .unwrap();
+        assert_eq!(ava.profile, a.profile);
+        assert_eq!(ava.linked.len(), 1);
+        let ben = r
+            .resolve(
+                &[
+                    id(IdType::USER_ID, "ben"),
+                    anon.clone(),
+                    id(IdType::EMAIL, "ben@x"),
+                ],
+                3,
+            )
+            .unwrap();
+        assert_ne!(ben.profile, a.profile);
+        assert!(ben.created);
+        assert_eq!(ben.dropped, 1);
+        assert_eq!(r.lookup(&anon), Some(a.profile));
+        assert_eq!(r.profile_count(), 2);
+    }
+
+    #[test]
+    fn alias_links_all_or_nothing() {
+        let r = reg();
+        let dev = r.resolve(&[id(IdType::ANONYMOUS_ID, "dev")], 1).unwrap();
+        let al = r.resolve_alias("u1", "dev", 2).unwrap();
+        assert_eq!(al.profile, dev.profile);
+        assert_eq!(al.linked, vec![(id(IdType::USER_ID, "u1"), 2)]);
+        // u2 would be a second user_id on that profile: refused, nothing linked.
+        let al2 = r.resolve_alias("u2", "u1", 3).unwrap();
+        assert!(al2.refused);
+        assert_eq!(al2.profile, dev.profile);
+        assert_eq!(r.lookup(&id(IdType::USER_ID, "u2")), None);
+        let same = r.resolve_alias("x", "x", 4).unwrap();
+        assert!(same.created);
+        assert_eq!(same.linked.len(), 1);
+    }
+
+    #[test]
+    fn concurrent_creators_agree_on_one_profile() {
+        let r = Arc::new(reg());
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    r.resolve(&[id(IdType::USER_ID, "same")], 1)
+                        .unwrap()
+                        .profile
+                })
+            })
+            .collect();
+        let ids: Vec<ProfileId> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(ids.iter().all(|p| *p == ids[0]));
+        assert_eq!(r.profile_count(), 1);
+    }
+}

@@ -1,0 +1,881 @@
+//! The shard actor: hosts many profiles as virtual actors and applies their messages one
+//! at a time, in arrival order, on its own Arbiter thread.
+//!
+//! Owns the profiles of its shard (a `BTreeMap`, so listing and export walk ids in order)
+//! and its segment of the log. Everything that changes a profile goes through here and is
+//! appended to the log in the same step. Requests arrive as one message per shard per HTTP
+//! request (`do_send` with a oneshot reply), never one per event.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use actix::{Actor, Context, Handler, Message as ActixMessage};
+use tokio::sync::oneshot;
+
+use super::catalog::Catalog;
+use super::clock::Clock;
+use super::registry::{Registry, Resolution};
+use crate::config::Settings;
+use crate::domain::event::{EventKind, EventOut, EventRef, event_names, ts};
+use crate::domain::identity::{IdType, Identity};
+use crate::domain::ids::ProfileId;
+use crate::domain::message::Message;
+use crate::domain::profile::{Profile, TraitChange, TraitLimits, TraitTime};
+use crate::domain::value::trait_keys;
+use crate::error::{ErrorCode, Problem};
+use crate::store::log::{
+    DeleteRecord, EventRecord, LinkedIdentity, LogRecord, PatchRecord, Position, ShardLog,
+};
+
+/// What every shard shares: settings, registry, clock, the accept sequence.
+pub struct ShardContext {
+    /// Settings in force.
+    pub settings: Arc<Settings>,
+    /// Identity index.
+    pub registry: Arc<Registry>,
+    /// Server time.
+    pub clock: Arc<Clock>,
+    /// Next server-wide accept sequence number.
+    pub next_seq: Arc<AtomicU64>,
+    /// Trait paths seen.
+    pub catalog: Arc<Catalog>,
+    /// The data dir.
+    pub data_dir: PathBuf,
+}
+
+/// One shard.
+pub struct Shard {
+    /// Shard number (also in the ids of its profiles).
+    id: u16,
+    /// Shared context.
+    ctx: Arc<ShardContext>,
+    /// Profiles hosted here, by id.
+    profiles: BTreeMap<ProfileId, Profile>,
+    /// Standard events that belong to no live profile (`user.deleted`), with their profile.
+    system_log: Vec<(ProfileId, EventRef)>,
+    /// This shard's log.
+    log: ShardLog,
+    /// Messages queued for this shard (raised by senders, lowered here) for admission.
+    depth: Arc<AtomicUsize>,
+    /// Trait budget per profile.
+    limits: TraitLimits,
+    /// Whether each step waits for the disk.
+    sync: bool,
+}
+
+/// Size at which a log segment is rolled.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+impl Shard {
+    /// Opens the shard's log and replays it into memory.
+    pub fn open(
+        id: u16,
+        ctx: Arc<ShardContext>,
+        depth: Arc<AtomicUsize>,
+    ) -> std::io::Result<Shard> {
+        let mut profiles = BTreeMap::new();
+        let mut system_log = Vec::new();
+        let limits = TraitLimits {
+            max_keys: usize::MAX,
+            max_bytes: usize::MAX,
+        };
+        let started = std::time::Instant::now();
+        let mut replayed = 0u64;
+        let log = ShardLog::open(&ctx.data_dir, id, SEGMENT_BYTES, |pos, rec| {
+            replayed += 1;
+            ctx.next_seq.fetch_max(rec.seq() + 1, Ordering::AcqRel);
+            replay(&ctx, &mut profiles, &mut system_log, limits, pos, rec);
+        })?;
+        if replayed > 0 {
+            tracing::info!(
+                shard = id,
+                replayed,
+                profiles = profiles.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "shard recovered"
+            );
+        }
+        let settings = &ctx.settings;
+        Ok(Shard {
+            id,
+            limits: TraitLimits {
+                max_keys: settings.ingest.max_trait_keys,
+                max_bytes: settings.ingest.max_trait_bytes,
+            },
+            sync: settings.durability == crate::config::Durability::Sync,
+            ctx,
+            profiles,
+            system_log,
+            log,
+            depth,
+        })
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.ctx.next_seq.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Applies one message; a rejection leaves no trace (its links are undone).
+    fn apply_message(&mut self, m: Message, r: Resolution, now: i64) -> Result<(), Problem> {
+        let pid = r.profile;
+        debug_assert_eq!(pid.shard(), self.id);
+        let exists = self.profiles.contains_key(&pid);
+        let plan = match m.trait_updates() {
+            Some(updates) => {
+                let fresh;
+                let profile = match self.profiles.get(&pid) {
+                    Some(p) => p,
+                    None => {
+                        fresh = Profile::new(pid, now);
+                        &fresh
+                    }
+                };
+                match profile.plan_traits(updates, TraitTime::Event(m.timestamp_ms), self.limits) {
+                    Ok(plan) => Some(plan),
+                    Err(e) => {
+                        self.undo_links(&r, exists);
+                        return Err(Problem::at(
+                            ErrorCode::TooManyTraits,
+                            "traits",
+                            e.to_string(),
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
+
+        let profile = self
+            .profiles
+            .entry(pid)
+            .or_insert_with(|| Profile::new(pid, now));
+        if !exists {
+            let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+            append_system(&mut self.log, profile, seq, "user.created", None, now)?;
+            metrics::gauge!("user360_profiles").increment(1.0);
+        }
+        let linked: Vec<LinkedIdentity> = r
+            .linked
+            .iter()
+            .map(|(id, seen)| LinkedIdentity {
+                ty: id.ty.name().to_string(),
+                value: id.value.to_string(),
+                first_seen: *seen,
+            })
+            .collect();
+        for (id, seen) in r.linked {
+            profile.add_identity(id, seen);
+        }
+        let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+        let json = render_message(&m, seq);
+        let name = m.event.clone().unwrap_or_default();
+        let record = EventRecord {
+            seq,
+            profile: pid.0,
+            ts_ms: m.timestamp_ms,
+            received_ms: m.received_ms,
+            kind: m.kind,
+            name,
+            created: !exists,
+            linked,
+            json,
+        };
+        let pos = self
+            .log
+            .append(&LogRecord::Event(record.clone()))
+            .map_err(io_problem)?;
+        profile.add_event(event_ref(&record, pos));
+        profile.updated_at = now;
+        if let Some(plan) = plan {
+            let changes = profile.commit_traits(plan, now);
+            record_changes(
+                &mut self.log,
+                &self.ctx.catalog,
+                &self.ctx.next_seq,
+                profile,
+                &changes,
+                now,
+            )?;
+        }
+        trim(profile, &self.ctx.settings, now);
+        Ok(())
+    }
+
+    fn undo_links(&self, r: &Resolution, existed: bool) {
+        let ids: Vec<Identity> = r.linked.iter().map(|(i, _)| i.clone()).collect();
+        if r.created && !existed {
+            self.ctx.registry.remove_profile(r.profile, &ids);
+        } else {
+            self.ctx.registry.unlink(r.profile, &ids);
+        }
+    }
+}
+
+fn io_problem(e: std::io::Error) -> Problem {
+    tracing::error!(error = %e, "log write failed");
+    Problem::new(ErrorCode::Unavailable, format!("cannot write the log: {e}"))
+}
+
+fn event_ref(r: &EventRecord, pos: Position) -> EventRef {
+    EventRef {
+        ts_ms: r.ts_ms,
+        seq: r.seq,
+        pos,
+        received_s: (r.received_ms / 1000).clamp(0, u32::MAX as i64) as u32,
+        name: event_names().intern(&r.name),
+        kind: r.kind,
+    }
+}
+
+/// Renders an accepted message as the API's event object.
+pub fn render_message(m: &Message, seq: u64) -> String {
+    let out = EventOut {
+        message_id: &m.message_id,
+        seq,
+        kind: m.kind.as_str(),
+        event: m.event.as_deref(),
+        name: m.name.as_deref(),
+        category: m.category.as_deref(),
+        properties: m.properties.as_ref(),
+        traits: m.traits.as_ref(),
+        context: m.context.as_ref(),
+        user_id: m.user_id.as_deref(),
+        anonymous_id: m.anonymous_id.as_deref(),
+        group_id: m.group_id.as_deref(),
+        previous_id: m.previous_id.as_deref(),
+        timestamp: ts(m.timestamp_ms),
+        received_at: ts(m.received_ms),
+    };
+    serde_json::to_string(&out).expect("events serialise")
+}
+
+/// Appends a standard event (`user.*`) to a profile's timeline.
+fn append_system(
+    log: &mut ShardLog,
+    profile: &mut Profile,
+    seq: u64,
+    name: &str,
+    properties: Option<serde_json::Value>,
+    now: i64,
+) -> Result<(), Problem> {
+    let record = system_record(profile.id, seq, name, properties, now);
+    let pos = log
+        .append(&LogRecord::Event(record.clone()))
+        .map_err(io_problem)?;
+    profile.add_event(event_ref(&record, pos));
+    Ok(())
+}
+
+fn system_record(
+    profile: ProfileId,
+    seq: u64,
+    name: &str,
+    properties: Option<serde_json::Value>,
+    now: i64,
+) -> EventRecord {
+    let message_id = format!("sys-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let properties = properties.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    let out = EventOut {
+        message_id: &message_id,
+        seq,
+        kind: EventKind::System.as_str(),
+        event: Some(name),
+        name: None,
+        category: None,
+        properties: Some(&properties),
+        traits: None,
+        context: None,
+        user_id: None,
+        anonymous_id: None,
+        group_id: None,
+        previous_id: None,
+        timestamp: ts(now),
+        received_at: ts(now),
+    };
+    EventRecord {
+        seq,
+        profile: profile.0,
+        ts_ms: now,
+        received_ms: now,
+        kind: EventKind::System,
+        name: name.to_owned(),
+        created: false,
+        linked: Vec::new(),
+        json: serde_json::to_string(&out).expect("events serialise"),
+    }
+}
+
+/// Writes `user.updated` for trait changes and notes new trait paths.
+fn record_changes(
+    log: &mut ShardLog,
+    catalog: &Catalog,
+    next_seq: &AtomicU64,
+    profile: &mut Profile,
+    changes: &[TraitChange],
+    now: i64,
+) -> Result<(), Problem> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut map = serde_json::Map::new();
+    for c in changes {
+        let key = trait_keys().name(c.key);
+        if let Some(v) = &c.to {
+            catalog.add(&key, v);
+        }
+        let j = |v: &Option<crate::domain::value::Value>| {
+            v.as_ref()
+                .map(|v| v.to_json())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        map.insert(
+            key.to_string(),
+            serde_json::json!({"from": j(&c.from), "to": j(&c.to)}),
+        );
+    }
+    let props = serde_json::json!({ "changes": map });
+    let seq = next_seq.fetch_add(1, Ordering::AcqRel);
+    append_system(log, profile, seq, "user.updated", Some(props), now)
+}
+
+fn trim(profile: &mut Profile, settings: &Settings, now: i64) {
+    let retention_s = settings.events.retention_days as i64 * 86_400;
+    let min_received = (now / 1000 - retention_s).max(0) as u32;
+    profile.trim_events(settings.events.max_per_profile, min_received);
+}
+
+/// Applies one log record during recovery, through the same domain functions as live.
+fn replay(
+    ctx: &ShardContext,
+    profiles: &mut BTreeMap<ProfileId, Profile>,
+    system_log: &mut Vec<(ProfileId, EventRef)>,
+    limits: TraitLimits,
+    pos: Position,
+    rec: LogRecord,
+) {
+    match rec {
+        LogRecord::Event(e) => {
+            let pid = ProfileId(e.profile);
+            if e.kind == EventKind::System && e.name == "user.deleted" {
+                system_log.push((pid, event_ref(&e, pos)));
+                return;
+            }
+            let profile = profiles.entry(pid).or_insert_with(|| {
+                ctx.registry.restore_profile(pid);
+                Profile::new(pid, e.received_ms)
+            });
+            restore_links(ctx, profile, &e.linked);
+            if e.kind == EventKind::Identify {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json) {
+                    if let Some(traits) = v.get("traits").and_then(|t| t.as_object()) {
+                        if let Ok(plan) =
+                            profile.plan_traits(traits, TraitTime::Event(e.ts_ms), limits)
+                        {
+                            for c in profile.commit_traits(plan, e.received_ms) {
+                                if let Some(v) = &c.to {
+                                    ctx.catalog.add(&trait_keys().name(c.key), v);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            profile.add_event(event_ref(&e, pos));
+            profile.updated_at = profile.updated_at.max(e.received_ms);
+        }
+        LogRecord::Patch(p) => {
+            let pid = ProfileId(p.profile);
+            let profile = profiles.entry(pid).or_insert_with(|| {
+                ctx.registry.restore_profile(pid);
+                Profile::new(pid, p.now_ms)
+            });
+            restore_links(ctx, profile, &p.linked);
+            if let Ok(traits) =
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&p.traits_json)
+            {
+                if let Ok(plan) = profile.plan_traits(&traits, TraitTime::Now(p.now_ms), limits) {
+                    for c in profile.commit_traits(plan, p.now_ms) {
+                        if let Some(v) = &c.to {
+                            ctx.catalog.add(&trait_keys().name(c.key), v);
+                        }
+                    }
+                }
+            }
+        }
+        LogRecord::Delete(d) => {
+            let pid = ProfileId(d.profile);
+            if let Some(p) = profiles.remove(&pid) {
+                let ids: Vec<Identity> = p.identities.into_iter().map(|h| h.identity).collect();
+                ctx.registry.remove_profile(pid, &ids);
+            }
+        }
+    }
+}
+
+fn restore_links(ctx: &ShardContext, profile: &mut Profile, linked: &[LinkedIdentity]) {
+    for l in linked {
+        let id = Identity {
+            ty: IdType::named(&l.ty),
+            value: l.value.as_str().into(),
+        };
+        ctx.registry.restore_link(profile.id, &id, l.first_seen);
+        profile.add_identity(id, l.first_seen);
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Senders bound the queue themselves (admission); do_send ignores this capacity.
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------------------
+
+/// One message of a request, resolved to a profile of this shard.
+pub struct ApplyItem {
+    /// Position of the message in its request (for the answer).
+    pub index: usize,
+    /// The message.
+    pub message: Message,
+    /// Where the registry put it.
+    pub resolution: Resolution,
+}
+
+/// Applies a request's messages for this shard in order, logs them, then answers.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ApplyBatch {
+    /// The messages.
+    pub items: Vec<ApplyItem>,
+    /// Per item: accepted, or why not.
+    pub reply: oneshot::Sender<Vec<(usize, Result<(), Problem>)>>,
+}
+
+impl Handler<ApplyBatch> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyBatch, _: &mut Self::Context) {
+        let n = msg.items.len();
+        let now = self.ctx.clock.now_ms();
+        let mut out = Vec::with_capacity(n);
+        for item in msg.items {
+            let r = self.apply_message(item.message, item.resolution, now);
+            out.push((item.index, r));
+        }
+        if let Err(e) = self.log.flush(self.sync) {
+            let p = io_problem(e);
+            for (_, r) in out.iter_mut() {
+                if r.is_ok() {
+                    *r = Err(p.clone());
+                }
+            }
+        }
+        self.depth.fetch_sub(n, Ordering::AcqRel);
+        let _ = msg.reply.send(out);
+    }
+}
+
+/// Renders profiles as the API's profile objects.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct GetProfiles {
+    /// Which.
+    pub ids: Vec<ProfileId>,
+    /// JSON per id (None: not here).
+    pub reply: oneshot::Sender<Vec<Option<String>>>,
+}
+
+impl Handler<GetProfiles> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: GetProfiles, _: &mut Self::Context) {
+        let out = msg
+            .ids
+            .iter()
+            .map(|id| {
+                self.profiles
+                    .get(id)
+                    .map(|p| serde_json::to_string(&p.view(&[])).expect("profiles serialise"))
+            })
+            .collect();
+        let _ = msg.reply.send(out);
+    }
+}
+
+/// Filters shared by timeline and global event queries.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this event name (`event`).
+    pub name: Option<String>,
+    /// Only this kind.
+    pub kind: Option<EventKind>,
+    /// Event time ≥ since.
+    pub since: Option<i64>,
+    /// Event time < until.
+    pub until: Option<i64>,
+    /// Only events strictly older than this (timestamp, seq): the cursor.
+    pub before: Option<(i64, u64)>,
+}
+
+impl EventFilter {
+    fn matcher(&self) -> Option<impl Fn(&EventRef) -> bool + '_> {
+        let name = match &self.name {
+            Some(n) => Some(event_names().lookup(n)?),
+            None => None,
+        };
+        Some(move |e: &EventRef| {
+            name.is_none_or(|n| e.name == n)
+                && self.kind.is_none_or(|k| e.kind == k)
+                && self.since.is_none_or(|s| e.ts_ms >= s)
+                && self.until.is_none_or(|u| e.ts_ms < u)
+                && self.before.is_none_or(|b| e.key() < b)
+        })
+    }
+}
+
+/// An event found by a query: where to read it and whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventHit {
+    /// Event time.
+    pub ts_ms: i64,
+    /// Accept sequence.
+    pub seq: u64,
+    /// Log position.
+    pub pos: Position,
+    /// Profile it belongs to.
+    pub profile: ProfileId,
+}
+
+/// Newest-first events of one profile.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ReadTimeline {
+    /// Whose.
+    pub profile: ProfileId,
+    /// Filters and cursor.
+    pub filter: EventFilter,
+    /// At most this many (the caller asks one more to know if there is a next page).
+    pub limit: usize,
+    /// None when the profile is not here.
+    pub reply: oneshot::Sender<Option<Vec<EventHit>>>,
+}
+
+impl Handler<ReadTimeline> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReadTimeline, _: &mut Self::Context) {
+        let Some(p) = self.profiles.get(&msg.profile) else {
+            let _ = msg.reply.send(None);
+            return;
+        };
+        let hits = match msg.filter.matcher() {
+            None => Vec::new(),
+            Some(m) => p
+                .events
+                .iter()
+                .rev()
+                .filter(|e| m(e))
+                .take(msg.limit)
+                .map(|e| EventHit {
+                    ts_ms: e.ts_ms,
+                    seq: e.seq,
+                    pos: e.pos,
+                    profile: p.id,
+                })
+                .collect(),
+        };
+        let _ = msg.reply.send(Some(hits));
+    }
+}
+
+/// The newest matching events across this shard's profiles (bounded heap, no copies).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct QueryEvents {
+    /// Filters and cursor.
+    pub filter: EventFilter,
+    /// At most this many, newest first.
+    pub limit: usize,
+    /// The hits.
+    pub reply: oneshot::Sender<Vec<EventHit>>,
+}
+
+impl Handler<QueryEvents> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: QueryEvents, _: &mut Self::Context) {
+        let mut heap: BinaryHeap<Reverse<EventHit>> = BinaryHeap::with_capacity(msg.limit + 1);
+        if let Some(m) = msg.filter.matcher() {
+            let mut consider = |e: &EventRef, profile: ProfileId| {
+                if !m(e) {
+                    return;
+                }
+                let hit = EventHit {
+                    ts_ms: e.ts_ms,
+                    seq: e.seq,
+                    pos: e.pos,
+                    profile,
+                };
+                if heap.len() < msg.limit {
+                    heap.push(Reverse(hit));
+                } else if let Some(Reverse(min)) = heap.peek() {
+                    if (hit.ts_ms, hit.seq) > (min.ts_ms, min.seq) {
+                        heap.pop();
+                        heap.push(Reverse(hit));
+                    }
+                }
+            };
+            for p in self.profiles.values() {
+                for e in &p.events {
+                    consider(e, p.id);
+                }
+            }
+            for (pid, e) in &self.system_log {
+                consider(e, *pid);
+            }
+        }
+        let mut hits: Vec<EventHit> = heap.into_iter().map(|Reverse(h)| h).collect();
+        hits.sort_by(|a, b| (b.ts_ms, b.seq).cmp(&(a.ts_ms, a.seq)));
+        let _ = msg.reply.send(hits);
+    }
+}
+
+/// Profile ids in ascending order after a cursor.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ListProfiles {
+    /// Only ids greater than this.
+    pub after: Option<ProfileId>,
+    /// At most this many.
+    pub limit: usize,
+    /// The ids.
+    pub reply: oneshot::Sender<Vec<ProfileId>>,
+}
+
+impl Handler<ListProfiles> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ListProfiles, _: &mut Self::Context) {
+        use std::ops::Bound;
+        let start = match msg.after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let ids = self
+            .profiles
+            .range((start, Bound::Unbounded))
+            .take(msg.limit)
+            .map(|(id, _)| *id)
+            .collect();
+        let _ = msg.reply.send(ids);
+    }
+}
+
+/// `PATCH /v1/profiles/{key}/traits`: sets traits at max(now, key time).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct PatchTraits {
+    /// Where the registry put it (created or linked by the key and email/phone traits).
+    pub resolution: Resolution,
+    /// The traits (null unsets).
+    pub traits: serde_json::Map<String, serde_json::Value>,
+    /// The profile object after the patch.
+    pub reply: oneshot::Sender<Result<String, Problem>>,
+}
+
+impl Handler<PatchTraits> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: PatchTraits, _: &mut Self::Context) {
+        let now = self.ctx.clock.now_ms();
+        let r = msg.resolution;
+        let pid = r.profile;
+        let exists = self.profiles.contains_key(&pid);
+        let plan = {
+            let fresh;
+            let profile = match self.profiles.get(&pid) {
+                Some(p) => p,
+                None => {
+                    fresh = Profile::new(pid, now);
+                    &fresh
+                }
+            };
+            profile.plan_traits(&msg.traits, TraitTime::Now(now), self.limits)
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo_links(&r, exists);
+                let _ = msg.reply.send(Err(Problem::at(
+                    ErrorCode::TooManyTraits,
+                    "",
+                    e.to_string(),
+                )));
+                return;
+            }
+        };
+        let seq = self.next_seq();
+        let linked: Vec<LinkedIdentity> = r
+            .linked
+            .iter()
+            .map(|(id, seen)| LinkedIdentity {
+                ty: id.ty.name().to_string(),
+                value: id.value.to_string(),
+                first_seen: *seen,
+            })
+            .collect();
+        let result = (|| -> Result<String, Problem> {
+            let profile = self
+                .profiles
+                .entry(pid)
+                .or_insert_with(|| Profile::new(pid, now));
+            if !exists {
+                let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+                append_system(&mut self.log, profile, s, "user.created", None, now)?;
+                metrics::gauge!("user360_profiles").increment(1.0);
+            }
+            for (id, seen) in r.linked {
+                profile.add_identity(id, seen);
+            }
+            self.log
+                .append(&LogRecord::Patch(PatchRecord {
+                    seq,
+                    profile: pid.0,
+                    now_ms: now,
+                    created: !exists,
+                    linked,
+                    traits_json: serde_json::to_string(&msg.traits).expect("json"),
+                }))
+                .map_err(io_problem)?;
+            let changes = profile.commit_traits(plan, now);
+            record_changes(
+                &mut self.log,
+                &self.ctx.catalog,
+                &self.ctx.next_seq,
+                profile,
+                &changes,
+                now,
+            )?;
+            self.log.flush(self.sync).map_err(io_problem)?;
+            Ok(serde_json::to_string(&profile.view(&[])).expect("profiles serialise"))
+        })();
+        let _ = msg.reply.send(result);
+    }
+}
+
+/// `DELETE /v1/profiles/{key}`: erases a profile from every read.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct DeleteProfile {
+    /// Which.
+    pub profile: ProfileId,
+    /// False when the profile was not here.
+    pub reply: oneshot::Sender<Result<bool, Problem>>,
+}
+
+impl Handler<DeleteProfile> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeleteProfile, _: &mut Self::Context) {
+        let now = self.ctx.clock.now_ms();
+        let pid = msg.profile;
+        let Some(profile) = self.profiles.remove(&pid) else {
+            let _ = msg.reply.send(Ok(false));
+            return;
+        };
+        let ids: Vec<Identity> = profile.identities.into_iter().map(|h| h.identity).collect();
+        self.ctx.registry.remove_profile(pid, &ids);
+        metrics::gauge!("user360_profiles").decrement(1.0);
+        let result = (|| -> Result<bool, Problem> {
+            let seq = self.next_seq();
+            self.log
+                .append(&LogRecord::Delete(DeleteRecord {
+                    seq,
+                    profile: pid.0,
+                    now_ms: now,
+                }))
+                .map_err(io_problem)?;
+            let s = self.next_seq();
+            let record = system_record(
+                pid,
+                s,
+                "user.deleted",
+                Some(serde_json::json!({"profile_id": pid.to_string()})),
+                now,
+            );
+            let pos = self
+                .log
+                .append(&LogRecord::Event(record.clone()))
+                .map_err(io_problem)?;
+            self.system_log.push((pid, event_ref(&record, pos)));
+            self.log.flush(self.sync).map_err(io_problem)?;
+            Ok(true)
+        })();
+        let _ = msg.reply.send(result);
+    }
+}
+
+/// Drops events past retention from every profile (run by a timer).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct SweepRetention {
+    /// Answered when done.
+    pub reply: oneshot::Sender<usize>,
+}
+
+impl Handler<SweepRetention> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: SweepRetention, _: &mut Self::Context) {
+        let now = self.ctx.clock.now_ms();
+        let mut dropped = 0;
+        let retention_s = self.ctx.settings.events.retention_days as i64 * 86_400;
+        let min_received = (now / 1000 - retention_s).max(0) as u32;
+        for p in self.profiles.values_mut() {
+            dropped += p.trim_events(self.ctx.settings.events.max_per_profile, min_received);
+        }
+        self.system_log
+            .retain(|(_, e)| e.received_s >= min_received);
+        let _ = msg.reply.send(dropped);
+    }
+}
+
+/// Flushes the log to disk (shutdown).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct FlushLog {
+    /// Answered when the log is on disk.
+    pub reply: oneshot::Sender<std::io::Result<()>>,
+}
+
+impl Handler<FlushLog> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushLog, _: &mut Self::Context) {
+        let _ = msg.reply.send(self.log.flush(true));
+    }
+}
+
+/// Counts profiles hosted here.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct CountProfiles {
+    /// The count.
+    pub reply: oneshot::Sender<usize>,
+}
+
+impl Handler<CountProfiles> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: CountProfiles, _: &mut Self::Context) {
+        let _ = msg.reply.send(self.profiles.len());
+    }
+}

@@ -1,0 +1,32 @@
+//! User360: a self-hosted, real-time Customer Data Platform engine.
+//!
+//! An actor-based in-memory data grid: each user profile is a virtual actor hosted by a
+//! shard actor; a sharded registry routes every message to its shard; every change is a
+//! record in the shard's log, which is also the event store.
+//!
+//! # Layout
+//! - [`config`]: settings (embedded defaults < file < `USER360_*` env < flags).
+//! - [`error`]: error codes and [`error::Problem`], shared by every layer.
+//! - [`domain`]: pure data and rules: ids, compact values, identities, messages, profiles.
+//! - [`segment`]: the rule language (paths, comparisons, property conditions).
+//! - [`ingest`]: from ingest request bytes to validated, deduplicated, routed messages.
+//! - [`grid`]: actors: registry, shards (hosting profiles), clock and timers, catalog.
+//! - [`store`]: the per-shard log (WAL + event store), codec, data dir metadata.
+//! - [`api`]: axum routes; parse, authenticate, translate errors; nothing else.
+//! - [`server`]: start (keys, shard count, bind, recover) and graceful shutdown.
+//!
+//! # Data flow
+//! HTTP → `api::ingest` (auth, bounded body) → `ingest::Ingestor` (decode, parse,
+//! validate, dedup, resolve identities in `grid::registry`) → `grid::Grid::apply` (one
+//! `ApplyBatch` per shard) → `grid::shard::Shard` (apply to profiles, append to the log,
+//! flush) → answer. See `docs/architecture.md`.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grid;
+pub mod ingest;
+pub mod segment;
+pub mod server;
+pub mod store;
