@@ -216,6 +216,8 @@ impl Settings {
         }
         figment = figment.merge(
             Env::prefixed("USER360_")
+                // USER360_LOG is the log filter, read by the binary, not a setting.
+                .ignore(&["log"])
                 .split("__")
                 .map(|k| k.as_str().to_ascii_lowercase().into()),
         );
