@@ -23,7 +23,13 @@ async fn profile_found_by_every_key_with_normalisation() {
     assert_eq!(id.len(), 26);
     assert_eq!(
         identity_set(&p),
-        ids(&[("user_id", "u-42"), ("anonymous_id", "a-1"), ("email", "ana@example.com"), ("phone", "+15550102030"), ("crm_id", "C-9")])
+        ids(&[
+            ("user_id", "u-42"),
+            ("anonymous_id", "a-1"),
+            ("email", "ana@example.com"),
+            ("phone", "+15550102030"),
+            ("crm_id", "C-9")
+        ])
     );
     for key in [
         "email:Ana%40Example.COM".to_owned(),
@@ -35,7 +41,12 @@ async fn profile_found_by_every_key_with_normalisation() {
         let (st, q) = s.get(&format!("/v1/profiles/{key}")).await;
         assert_eq!((st, q["id"].as_str()), (200, Some(id.as_str())), "{key}");
     }
-    for key in ["user_id:nobody", "id:01ABCDEFGHJKMNPQRSTVWXYZ00", "email:", "crm_id:c-9"] {
+    for key in [
+        "user_id:nobody",
+        "id:01ABCDEFGHJKMNPQRSTVWXYZ00",
+        "email:",
+        "crm_id:c-9",
+    ] {
         let (st, v) = s.get(&format!("/v1/profiles/{key}")).await;
         assert_eq!((st, v["code"].as_str()), (404, Some("not_found")), "{key}");
     }
@@ -51,16 +62,41 @@ async fn profile_found_by_every_key_with_normalisation() {
 #[tokio::test]
 async fn late_events_never_overwrite_newer_traits_and_null_unsets() {
     let s = Server::start().await;
-    let send = |ts: &str, traits: Value, mid: &str| {
-        json!({"userId": "u1", "traits": traits, "timestamp": ts, "messageId": mid})
-    };
-    s.ingest("/v1/identify", &send("2026-01-10T00:00:00Z", json!({"plan": "pro", "seats": 5}), "a")).await;
-    s.ingest("/v1/identify", &send("2026-01-05T00:00:00Z", json!({"plan": "free", "color": "red"}), "b")).await;
+    let send = |ts: &str, traits: Value, mid: &str| json!({"userId": "u1", "traits": traits, "timestamp": ts, "messageId": mid});
+    s.ingest(
+        "/v1/identify",
+        &send(
+            "2026-01-10T00:00:00Z",
+            json!({"plan": "pro", "seats": 5}),
+            "a",
+        ),
+    )
+    .await;
+    s.ingest(
+        "/v1/identify",
+        &send(
+            "2026-01-05T00:00:00Z",
+            json!({"plan": "free", "color": "red"}),
+            "b",
+        ),
+    )
+    .await;
     let (_, p) = s.get("/v1/profiles/user_id:u1").await;
-    assert_eq!(p["traits"], json!({"plan": "pro", "seats": 5, "color": "red"}));
-    s.ingest("/v1/identify", &send("2026-01-11T00:00:00Z", json!({"seats": null}), "c")).await;
+    assert_eq!(
+        p["traits"],
+        json!({"plan": "pro", "seats": 5, "color": "red"})
+    );
+    s.ingest(
+        "/v1/identify",
+        &send("2026-01-11T00:00:00Z", json!({"seats": null}), "c"),
+    )
+    .await;
     // An older set after the unset stays ignored (the unset is remembered).
-    s.ingest("/v1/identify", &send("2026-01-09T00:00:00Z", json!({"seats": 9}), "d")).await;
+    s.ingest(
+        "/v1/identify",
+        &send("2026-01-09T00:00:00Z", json!({"seats": 9}), "d"),
+    )
+    .await;
     let (_, p) = s.get("/v1/profiles/user_id:u1").await;
     assert_eq!(p["traits"], json!({"plan": "pro", "color": "red"}));
     assert_eq!(p["first_seen"], "2026-01-05T00:00:00.000Z");
@@ -68,12 +104,20 @@ async fn late_events_never_overwrite_newer_traits_and_null_unsets() {
     // Standard events: one user.created, and user.updated with changes for real changes only.
     let sys = s.events("user_id:u1", "type=system&limit=1000").await;
     let created = sys.iter().filter(|e| e["event"] == "user.created").count();
-    let updates: Vec<&Value> = sys.iter().filter(|e| e["event"] == "user.updated").collect();
+    let updates: Vec<&Value> = sys
+        .iter()
+        .filter(|e| e["event"] == "user.updated")
+        .collect();
     assert_eq!(created, 1);
     assert_eq!(updates.len(), 3, "{sys:?}");
-    assert!(updates.iter().any(|u| u["properties"]["changes"]["seats"] == json!({"from": 5, "to": null})));
+    assert!(
+        updates
+            .iter()
+            .any(|u| u["properties"]["changes"]["seats"] == json!({"from": 5, "to": null}))
+    );
     // identify with traits null or without traits changes nothing.
-    s.ingest("/v1/identify", &json!({"userId": "u1", "traits": null})).await;
+    s.ingest("/v1/identify", &json!({"userId": "u1", "traits": null}))
+        .await;
     s.ingest("/v1/identify", &json!({"userId": "u1"})).await;
     assert_eq!(s.events("user_id:u1", "name=user.updated").await.len(), 3);
 }
@@ -87,7 +131,10 @@ async fn identify_reads_context_traits_overlaid_by_traits() {
     )
     .await;
     let (_, p) = s.get("/v1/profiles/user_id:u1").await;
-    assert_eq!(p["traits"], json!({"plan": "pro", "email": "c@x.com", "name": "C"}));
+    assert_eq!(
+        p["traits"],
+        json!({"plan": "pro", "email": "c@x.com", "name": "C"})
+    );
     assert_eq!(s.get("/v1/profiles/email:c%40x.com").await.0, 200);
     // context.traits of a track call give identities but never traits.
     s.ingest("/v1/track", &json!({"userId": "u1", "event": "E", "context": {"traits": {"email": "d@x.com", "plan": "x"}}})).await;
@@ -98,19 +145,46 @@ async fn identify_reads_context_traits_overlaid_by_traits() {
 #[tokio::test]
 async fn patch_traits_creates_links_and_answers_the_profile() {
     let s = Server::start().await;
-    let (st, p) = s.admin("PATCH", "/v1/profiles/user_id:crm-1/traits", Some(&json!({"plan": "pro", "email": "Pat@X.com"}))).await;
+    let (st, p) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:crm-1/traits",
+            Some(&json!({"plan": "pro", "email": "Pat@X.com"})),
+        )
+        .await;
     assert_eq!(st, 200, "{p}");
     assert_eq!(p["traits"], json!({"plan": "pro", "email": "Pat@X.com"}));
-    assert_eq!(identity_set(&p), ids(&[("user_id", "crm-1"), ("email", "pat@x.com")]));
+    assert_eq!(
+        identity_set(&p),
+        ids(&[("user_id", "crm-1"), ("email", "pat@x.com")])
+    );
     // PATCH wins over an older message time: it uses max(now, key time).
     s.ingest("/v1/identify", &json!({"userId": "crm-1", "traits": {"plan": "free"}, "timestamp": "2090-01-01T00:00:00Z"})).await;
-    let (st, p) = s.admin("PATCH", "/v1/profiles/email:pat%40x.com/traits", Some(&json!({"plan": null, "seats": 3}))).await;
+    let (st, p) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/email:pat%40x.com/traits",
+            Some(&json!({"plan": null, "seats": 3})),
+        )
+        .await;
     assert_eq!(st, 200);
     assert_eq!(p["traits"], json!({"email": "Pat@X.com", "seats": 3}));
     // Bad bodies and unknown ids.
-    let (st, v) = s.admin("PATCH", "/v1/profiles/user_id:crm-1/traits", Some(&json!([1]))).await;
+    let (st, v) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:crm-1/traits",
+            Some(&json!([1])),
+        )
+        .await;
     assert_eq!((st, v["code"].as_str()), (400, Some("invalid_field")));
-    let (st, _) = s.admin("PATCH", "/v1/profiles/id:01ABCDEFGHJKMNPQRSTVWXYZ00/traits", Some(&json!({"a": 1}))).await;
+    let (st, _) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/id:01ABCDEFGHJKMNPQRSTVWXYZ00/traits",
+            Some(&json!({"a": 1})),
+        )
+        .await;
     assert_eq!(st, 404);
 }
 
@@ -121,9 +195,22 @@ async fn too_many_traits_is_rejected_not_truncated() {
         ..Default::default()
     })
     .await;
-    s.ingest("/v1/identify", &json!({"userId": "u1", "traits": {"a": 1, "b": 2}})).await;
-    let (st, v) = s.ingest("/v1/identify", &json!({"userId": "u1", "traits": {"c": 3, "d": 4}})).await;
-    assert_eq!((st, v["code"].as_str()), (400, Some("too_many_traits")), "{v}");
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "u1", "traits": {"a": 1, "b": 2}}),
+    )
+    .await;
+    let (st, v) = s
+        .ingest(
+            "/v1/identify",
+            &json!({"userId": "u1", "traits": {"c": 3, "d": 4}}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("too_many_traits")),
+        "{v}"
+    );
     let b = json!({"batch": [{"type": "identify", "userId": "u1", "traits": {"e": 5, "f": 6}}, {"type": "identify", "userId": "u1", "traits": {"c": 3}}]});
     let (_, v) = s.ingest("/v1/batch", &b).await;
     assert_eq!(v["accepted"], 1);
@@ -131,7 +218,12 @@ async fn too_many_traits_is_rejected_not_truncated() {
     let (_, p) = s.get("/v1/profiles/user_id:u1").await;
     assert_eq!(p["traits"], json!({"a": 1, "b": 2, "c": 3}));
     // A rejected message that would have created a profile leaves none behind.
-    let (st, _) = s.ingest("/v1/identify", &json!({"userId": "u2", "traits": {"a": 1, "b": 2, "c": 3, "d": 4}})).await;
+    let (st, _) = s
+        .ingest(
+            "/v1/identify",
+            &json!({"userId": "u2", "traits": {"a": 1, "b": 2, "c": 3, "d": 4}}),
+        )
+        .await;
     assert_eq!(st, 400);
     assert_eq!(s.get("/v1/profiles/user_id:u2").await.0, 404);
 }
@@ -140,15 +232,21 @@ async fn too_many_traits_is_rejected_not_truncated() {
 async fn delete_erases_from_every_read_and_logs_user_deleted() {
     let s = Server::start().await;
     s.ingest("/v1/track", &json!({"userId": "gone", "anonymousId": "a-gone", "event": "Bye", "timestamp": "2099-01-01T00:00:00Z"})).await;
-    s.ingest("/v1/track", &json!({"userId": "stays", "event": "Hi"})).await;
+    s.ingest("/v1/track", &json!({"userId": "stays", "event": "Hi"}))
+        .await;
     let (_, p) = s.get("/v1/profiles/user_id:gone").await;
     let id = p["id"].as_str().unwrap().to_owned();
-    let (st, _) = s.admin("DELETE", "/v1/profiles/anonymous_id:a-gone", None).await;
+    let (st, _) = s
+        .admin("DELETE", "/v1/profiles/anonymous_id:a-gone", None)
+        .await;
     assert_eq!(st, 204);
     for key in ["user_id:gone", "anonymous_id:a-gone", &format!("id:{id}")] {
         assert_eq!(s.get(&format!("/v1/profiles/{key}")).await.0, 404, "{key}");
     }
-    assert_eq!(s.admin("DELETE", "/v1/profiles/user_id:gone", None).await.0, 404);
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:gone", None).await.0,
+        404
+    );
     let (_, all) = s.get("/v1/events?name=Bye").await;
     assert_eq!(all["events"], json!([]));
     assert_eq!(s.all_profiles().await.len(), 1);
@@ -157,11 +255,15 @@ async fn delete_erases_from_every_read_and_logs_user_deleted() {
     assert_eq!(deleted.len(), 1);
     assert_eq!(deleted[0]["properties"], json!({"profile_id": id}));
     // A later message with the same ids creates a new person.
-    s.ingest("/v1/track", &json!({"userId": "gone", "event": "Back"})).await;
+    s.ingest("/v1/track", &json!({"userId": "gone", "event": "Back"}))
+        .await;
     let (st, p2) = s.get("/v1/profiles/user_id:gone").await;
     assert_eq!(st, 200);
     assert_ne!(p2["id"].as_str().unwrap(), id);
-    assert_eq!(names(&s.events("user_id:gone", "type=track").await), vec!["Back"]);
+    assert_eq!(
+        names(&s.events("user_id:gone", "type=track").await),
+        vec!["Back"]
+    );
 }
 
 #[tokio::test]
@@ -178,15 +280,23 @@ async fn timeline_filters_order_and_stable_paging() {
     s.ingest("/v1/batch", &json!({"batch": batch})).await;
     let all = s.events("user_id:u1", "type=track&limit=1000").await;
     assert_eq!(all.len(), 25);
-    let order: Vec<i64> = all.iter().map(|e| e["properties"]["i"].as_i64().unwrap()).collect();
+    let order: Vec<i64> = all
+        .iter()
+        .map(|e| e["properties"]["i"].as_i64().unwrap())
+        .collect();
     assert_eq!(order, (0..25).rev().collect::<Vec<_>>());
     let evens = s.events("user_id:u1", "name=Even").await;
     assert_eq!(evens.len(), 13);
     let window = s
-        .events("user_id:u1", "type=track&since=2026-03-01T00:00:05Z&until=2026-03-01T00:00:10Z")
+        .events(
+            "user_id:u1",
+            "type=track&since=2026-03-01T00:00:05Z&until=2026-03-01T00:00:10Z",
+        )
         .await;
     assert_eq!(window.len(), 5);
-    let newest = s.events("user_id:u1", "limit=2&until=2026-03-01T00:00:25Z").await;
+    let newest = s
+        .events("user_id:u1", "limit=2&until=2026-03-01T00:00:25Z")
+        .await;
     assert_eq!(newest[0]["event"], "Page Viewed");
     assert_eq!(newest[0]["properties"]["name"], "Tie");
     assert_eq!(newest[1]["message_id"], "t-24");
@@ -195,7 +305,11 @@ async fn timeline_filters_order_and_stable_paging() {
     let mut cursor = String::new();
     let mut extra = 0;
     loop {
-        let (st, v) = s.get(&format!("/v1/profiles/user_id:u1/events?type=track&limit=4&cursor={cursor}")).await;
+        let (st, v) = s
+            .get(&format!(
+                "/v1/profiles/user_id:u1/events?type=track&limit=4&cursor={cursor}"
+            ))
+            .await;
         assert_eq!(st, 200);
         for e in v["events"].as_array().unwrap() {
             seen.push(e["message_id"].as_str().unwrap().to_owned());
@@ -211,10 +325,20 @@ async fn timeline_filters_order_and_stable_paging() {
     }
     let mut expected: Vec<String> = (0..25).rev().map(|i| format!("t-{i}")).collect();
     expected.sort();
-    let mut got: Vec<String> = seen.iter().filter(|m| m.starts_with("t-")).cloned().collect();
+    let mut got: Vec<String> = seen
+        .iter()
+        .filter(|m| m.starts_with("t-"))
+        .cloned()
+        .collect();
     got.sort();
     assert_eq!(got, expected);
-    for (q, field) in [("limit=0", "limit"), ("limit=1001", "limit"), ("since=yesterday", "since"), ("type=click", "type"), ("cursor=zz", "cursor")] {
+    for (q, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("since=yesterday", "since"),
+        ("type=click", "type"),
+        ("cursor=zz", "cursor"),
+    ] {
         let (st, v) = s.get(&format!("/v1/profiles/user_id:u1/events?{q}")).await;
         assert_eq!((st, v["path"].as_str()), (400, Some(field)), "{q}: {v}");
     }
@@ -230,31 +354,50 @@ async fn global_events_query_with_where_conditions() {
     batch.push(json!({"type": "track", "userId": "old", "event": "Order", "properties": {"total": 100}, "timestamp": "2020-01-01T00:00:00Z"}));
     s.ingest("/v1/batch", &json!({"batch": batch})).await;
     let w = urlencode(&json!([{"property": "total", "op": "gte", "value": 20}, {"property": "currency", "op": "eq", "value": "USD"}]).to_string());
-    let (st, v) = s.get(&format!("/v1/events?name=Order&where={w}&limit=1000")).await;
+    let (st, v) = s
+        .get(&format!("/v1/events?name=Order&where={w}&limit=1000"))
+        .await;
     assert_eq!(st, 200, "{v}");
     let got = v["events"].as_array().unwrap();
     // 20..29 with currency USD: 20,22,23,25,26,28,29 (21,24,27 are EUR). The 2020 order is
     // outside the default 7-day window.
     assert_eq!(got.len(), 7);
-    assert!(got.iter().all(|e| e["profile_id"].as_str().unwrap().len() == 26));
+    assert!(
+        got.iter()
+            .all(|e| e["profile_id"].as_str().unwrap().len() == 26)
+    );
     // Paging through where-filtered results.
-    let (_, p1) = s.get(&format!("/v1/events?name=Order&where={w}&limit=4")).await;
+    let (_, p1) = s
+        .get(&format!("/v1/events?name=Order&where={w}&limit=4"))
+        .await;
     assert_eq!(p1["events"].as_array().unwrap().len(), 4);
     let c = p1["next_cursor"].as_str().unwrap();
-    let (_, p2) = s.get(&format!("/v1/events?name=Order&where={w}&limit=4&cursor={c}")).await;
+    let (_, p2) = s
+        .get(&format!(
+            "/v1/events?name=Order&where={w}&limit=4&cursor={c}"
+        ))
+        .await;
     assert_eq!(p2["events"].as_array().unwrap().len(), 3);
     assert_eq!(p2["next_cursor"], Value::Null);
-    let (_, old) = s.get("/v1/events?name=Order&since=2019-01-01T00:00:00Z&limit=1000").await;
+    let (_, old) = s
+        .get("/v1/events?name=Order&since=2019-01-01T00:00:00Z&limit=1000")
+        .await;
     assert_eq!(old["events"].as_array().unwrap().len(), 31);
     let bad = urlencode(&json!([{"property": "total", "op": "equals", "value": 1}]).to_string());
     let (st, v) = s.get(&format!("/v1/events?where={bad}")).await;
-    assert_eq!((st, v["code"].as_str(), v["path"].as_str()), (400, Some("invalid_rule"), Some("where[0].op")), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str(), v["path"].as_str()),
+        (400, Some("invalid_rule"), Some("where[0].op")),
+        "{v}"
+    );
 }
 
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -263,12 +406,16 @@ fn urlencode(s: &str) -> String {
 #[tokio::test]
 async fn profiles_listing_pages_by_ascending_id() {
     let s = Server::start().await;
-    let batch: Vec<Value> = (0..57).map(|i| json!({"type": "identify", "userId": format!("p{i}")})).collect();
+    let batch: Vec<Value> = (0..57)
+        .map(|i| json!({"type": "identify", "userId": format!("p{i}")}))
+        .collect();
     s.ingest("/v1/batch", &json!({"batch": batch})).await;
     let mut all = Vec::new();
     let mut cursor = String::new();
     loop {
-        let (_, v) = s.get(&format!("/v1/profiles?limit=10&cursor={cursor}")).await;
+        let (_, v) = s
+            .get(&format!("/v1/profiles?limit=10&cursor={cursor}"))
+            .await;
         for p in v["profiles"].as_array().unwrap() {
             all.push(p["id"].as_str().unwrap().to_owned());
         }
@@ -288,14 +435,33 @@ async fn profiles_listing_pages_by_ascending_id() {
 async fn retention_drops_old_events_as_the_clock_moves() {
     let s = Server::start_with(common::Opts {
         manual_clock: true,
-        env: vec![("USER360_EVENTS__RETENTION_DAYS".into(), "2".into()), ("USER360_EVENTS__MAX_PER_PROFILE".into(), "5".into())],
+        env: vec![
+            ("USER360_EVENTS__RETENTION_DAYS".into(), "2".into()),
+            ("USER360_EVENTS__MAX_PER_PROFILE".into(), "5".into()),
+        ],
     })
     .await;
     for i in 0..8 {
-        s.ingest("/v1/track", &json!({"userId": "u1", "event": format!("E{i}")})).await;
+        s.ingest(
+            "/v1/track",
+            &json!({"userId": "u1", "event": format!("E{i}")}),
+        )
+        .await;
     }
-    assert_eq!(s.events("user_id:u1", "type=track").await.len(), 5, "max_per_profile keeps the newest");
+    assert_eq!(
+        s.events("user_id:u1", "type=track").await.len(),
+        5,
+        "max_per_profile keeps the newest"
+    );
     s.advance(3 * 86_400_000).await;
-    assert_eq!(s.events("user_id:u1", "type=track").await.len(), 0, "retention by received_at");
-    assert_eq!(s.get("/v1/profiles/user_id:u1").await.0, 200, "the profile itself stays");
+    assert_eq!(
+        s.events("user_id:u1", "type=track").await.len(),
+        0,
+        "retention by received_at"
+    );
+    assert_eq!(
+        s.get("/v1/profiles/user_id:u1").await.0,
+        200,
+        "the profile itself stays"
+    );
 }

@@ -111,6 +111,7 @@ impl Grid {
             arbiters.push(arbiter);
         }
         metrics::gauge!("user360_profiles").set(registry.profile_count() as f64);
+        metrics::gauge!("user360_shards").set(shard_count as f64);
         let grid = Arc::new(Grid {
             shards,
             depths,
