@@ -161,7 +161,15 @@ async fn auth_write_key_header_or_body_and_admin_token() {
 #[tokio::test]
 async fn bad_bodies_get_clear_errors_and_change_nothing() {
     let s = Server::start().await;
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u16, &str)> = vec![
+    /// (endpoint, body, extra headers, expected status, expected code)
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        Vec<(&'static str, &'static str)>,
+        u16,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "/v1/track",
             b"not json".to_vec(),

@@ -229,7 +229,7 @@ impl IdentityRules {
         let name = ty.name();
         self.blocked
             .get(&*name)
-            .is_some_and(|list| list.iter().any(|b| *b == lower))
+            .is_some_and(|list| list.contains(&lower))
     }
 
     /// The limit for a type; None means unlimited.

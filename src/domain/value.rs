@@ -199,31 +199,6 @@ pub fn trait_keys() -> &'static Interner {
     KEYS.get_or_init(Interner::new)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn value_round_trips_json_exactly() {
-        let src = r#"{"a":[1,-2,3.5,"x\u0000y",true,null],"b":{"c":18446744073709551615}}"#;
-        let v = Value::from_json(serde_json::from_str(src).unwrap());
-        assert_eq!(serde_json::to_string(&v).unwrap(), src);
-        assert_eq!(v.json_len(), src.len());
-        assert_eq!(v.get("b").unwrap().get("c"), Some(&Value::UInt(u64::MAX)));
-        assert_eq!(std::mem::size_of::<Value>(), 24);
-    }
-
-    #[test]
-    fn interner_is_stable() {
-        let i = Interner::new();
-        let a = i.intern("plan");
-        assert_eq!(i.intern("plan"), a);
-        assert_ne!(i.intern("email"), a);
-        assert_eq!(&*i.name(a), "plan");
-        assert_eq!(i.lookup("nope"), None);
-    }
-}
-
 /// Members of a compact object, as the rule evaluator walks them.
 pub struct CompactMembers<'a>(std::slice::Iter<'a, (Box<str>, Value)>);
 
@@ -267,5 +242,30 @@ impl crate::segment::value_view::JsonView for Value {
             Value::Object(o) => CompactMembers(o.iter()),
             _ => CompactMembers([].iter()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_round_trips_json_exactly() {
+        let src = r#"{"a":[1,-2,3.5,"x\u0000y",true,null],"b":{"c":18446744073709551615}}"#;
+        let v = Value::from_json(serde_json::from_str(src).unwrap());
+        assert_eq!(serde_json::to_string(&v).unwrap(), src);
+        assert_eq!(v.json_len(), src.len());
+        assert_eq!(v.get("b").unwrap().get("c"), Some(&Value::UInt(u64::MAX)));
+        assert_eq!(std::mem::size_of::<Value>(), 24);
+    }
+
+    #[test]
+    fn interner_is_stable() {
+        let i = Interner::new();
+        let a = i.intern("plan");
+        assert_eq!(i.intern("plan"), a);
+        assert_ne!(i.intern("email"), a);
+        assert_eq!(&*i.name(a), "plan");
+        assert_eq!(i.lookup("nope"), None);
     }
 }

@@ -278,7 +278,7 @@ impl Grid {
         for rx in waits {
             all.extend(rx.await.unwrap_or_default());
         }
-        all.sort_by(|a, b| (b.ts_ms, b.seq).cmp(&(a.ts_ms, a.seq)));
+        all.sort_by_key(|h| std::cmp::Reverse((h.ts_ms, h.seq)));
         all.truncate(limit);
         all
     }
@@ -411,15 +411,14 @@ impl Grid {
         };
         let mut extra = Vec::new();
         for (name, ty) in [("email", IdType::EMAIL), ("phone", IdType::PHONE)] {
-            if let Some(serde_json::Value::String(v)) = traits.get(name) {
-                if let Some(v) = normalize(ty, v) {
-                    if !self.registry.rules().is_blocked(ty, &v) {
-                        extra.push(Identity {
-                            ty,
-                            value: v.into_boxed_str(),
-                        });
-                    }
-                }
+            if let Some(serde_json::Value::String(v)) = traits.get(name)
+                && let Some(v) = normalize(ty, v)
+                && !self.registry.rules().is_blocked(ty, &v)
+            {
+                extra.push(Identity {
+                    ty,
+                    value: v.into_boxed_str(),
+                });
             }
         }
         if !extra.is_empty() {

@@ -373,10 +373,10 @@ impl Registry {
             return;
         };
         for id in identities {
-            if self.index.remove_if(&id.hash(), |_, p| *p == pid).is_some() {
-                if let Some(at) = owner.iter().rposition(|(t, _)| *t == id.ty) {
-                    owner.remove(at);
-                }
+            if self.index.remove_if(&id.hash(), |_, p| *p == pid).is_some()
+                && let Some(at) = owner.iter().rposition(|(t, _)| *t == id.ty)
+            {
+                owner.remove(at);
             }
         }
     }

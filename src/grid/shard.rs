@@ -368,18 +368,14 @@ fn replay(
                 Profile::new(pid, e.received_ms)
             });
             restore_links(ctx, profile, &e.linked);
-            if e.kind == EventKind::Identify {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json) {
-                    if let Some(traits) = v.get("traits").and_then(|t| t.as_object()) {
-                        if let Ok(plan) =
-                            profile.plan_traits(traits, TraitTime::Event(e.ts_ms), limits)
-                        {
-                            for c in profile.commit_traits(plan, e.received_ms) {
-                                if let Some(v) = &c.to {
-                                    ctx.catalog.add(&trait_keys().name(c.key), v);
-                                }
-                            }
-                        }
+            if e.kind == EventKind::Identify
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json)
+                && let Some(traits) = v.get("traits").and_then(|t| t.as_object())
+                && let Ok(plan) = profile.plan_traits(traits, TraitTime::Event(e.ts_ms), limits)
+            {
+                for c in profile.commit_traits(plan, e.received_ms) {
+                    if let Some(v) = &c.to {
+                        ctx.catalog.add(&trait_keys().name(c.key), v);
                     }
                 }
             }
@@ -395,12 +391,11 @@ fn replay(
             restore_links(ctx, profile, &p.linked);
             if let Ok(traits) =
                 serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&p.traits_json)
+                && let Ok(plan) = profile.plan_traits(&traits, TraitTime::Now(p.now_ms), limits)
             {
-                if let Ok(plan) = profile.plan_traits(&traits, TraitTime::Now(p.now_ms), limits) {
-                    for c in profile.commit_traits(plan, p.now_ms) {
-                        if let Some(v) = &c.to {
-                            ctx.catalog.add(&trait_keys().name(c.key), v);
-                        }
+                for c in profile.commit_traits(plan, p.now_ms) {
+                    if let Some(v) = &c.to {
+                        ctx.catalog.add(&trait_keys().name(c.key), v);
                     }
                 }
             }
@@ -626,11 +621,11 @@ impl Handler<QueryEvents> for Shard {
                 };
                 if heap.len() < msg.limit {
                     heap.push(Reverse(hit));
-                } else if let Some(Reverse(min)) = heap.peek() {
-                    if (hit.ts_ms, hit.seq) > (min.ts_ms, min.seq) {
-                        heap.pop();
-                        heap.push(Reverse(hit));
-                    }
+                } else if let Some(Reverse(min)) = heap.peek()
+                    && (hit.ts_ms, hit.seq) > (min.ts_ms, min.seq)
+                {
+                    heap.pop();
+                    heap.push(Reverse(hit));
                 }
             };
             for p in self.profiles.values() {
@@ -643,7 +638,7 @@ impl Handler<QueryEvents> for Shard {
             }
         }
         let mut hits: Vec<EventHit> = heap.into_iter().map(|Reverse(h)| h).collect();
-        hits.sort_by(|a, b| (b.ts_ms, b.seq).cmp(&(a.ts_ms, a.seq)));
+        hits.sort_by_key(|h| std::cmp::Reverse((h.ts_ms, h.seq)));
         let _ = msg.reply.send(hits);
     }
 }

@@ -713,15 +713,15 @@ fn extract_identities(
 ) -> Vec<Identity> {
     let mut out: Vec<Identity> = Vec::with_capacity(4);
     let mut push = |ty: IdType, raw: &str| {
-        if let Some(v) = normalize(ty, raw) {
-            if !rules.is_blocked(ty, &v) {
-                let id = Identity {
-                    ty,
-                    value: v.into_boxed_str(),
-                };
-                if !out.contains(&id) {
-                    out.push(id);
-                }
+        if let Some(v) = normalize(ty, raw)
+            && !rules.is_blocked(ty, &v)
+        {
+            let id = Identity {
+                ty,
+                value: v.into_boxed_str(),
+            };
+            if !out.contains(&id) {
+                out.push(id);
             }
         }
     };

@@ -149,10 +149,10 @@ impl Server {
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "server never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
