@@ -1,1 +1,118 @@
-fn main() {}
+//! Ingest hot-path benchmarks. Each group measures User360's code beside a baseline in the
+//! same run (raw `serde_json` parsing), so figures can be quoted as ratios.
+//!
+//! `cargo bench --bench ingest`
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use user360::config::Settings;
+use user360::domain::identity::{IdType, Identity, IdentityRules};
+use user360::grid::registry::Registry;
+use user360::ingest::parse::{Endpoint, ParseContext, ParseNotes, parse_body};
+use user360::ingest::scan;
+use user360::store::codec;
+use user360::store::log::{EventRecord, LogRecord};
+
+fn batch_body(n: usize) -> Vec<u8> {
+    let batch: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            json!({"type": "track", "userId": format!("user-{i}"), "anonymousId": format!("anon-{i}"),
+                   "event": "Product Viewed", "messageId": format!("m-{i}"),
+                   "properties": {"product_id": "P-1", "price": 19.99, "quantity": 2, "tags": ["a", "b"], "name": "A product with a name"},
+                   "context": {"library": {"name": "analytics-node", "version": "3.0.13"}, "ip": "203.0.113.7",
+                               "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"},
+                   "timestamp": "2026-12-03T10:15:00.123Z", "sentAt": "2026-12-03T10:15:01.000Z"})
+        })
+        .collect();
+    serde_json::to_vec(&json!({"batch": batch, "sentAt": "2026-12-03T10:15:01.000Z"})).unwrap()
+}
+
+fn parsing(c: &mut Criterion) {
+    let body = batch_body(500);
+    let settings = Settings::defaults();
+    let rules = IdentityRules::new(&settings.identity);
+    let mut g = c.benchmark_group("parse_batch_500");
+    g.throughput(Throughput::Elements(500));
+    g.bench_function("baseline_serde_json_value", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap()))
+    });
+    g.bench_function("scan_check_value", |b| {
+        b.iter(|| scan::check_value(black_box(&body), 10_000).unwrap())
+    });
+    g.bench_function("user360_parse_body", |b| {
+        b.iter(|| {
+            let ctx = ParseContext {
+                limits: &settings.ingest,
+                rules: &rules,
+                received_ms: 1_800_000_000_000,
+            };
+            black_box(
+                parse_body(
+                    Endpoint::Batch,
+                    black_box(&body),
+                    &ctx,
+                    &mut ParseNotes::default(),
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn codec_and_registry(c: &mut Criterion) {
+    let rec = LogRecord::Event(EventRecord {
+        seq: 42,
+        profile: 7,
+        ts_ms: 1_800_000_000_000,
+        received_ms: 1_800_000_000_000,
+        kind: user360::domain::event::EventKind::Track,
+        name: "Product Viewed".into(),
+        created: false,
+        linked: vec![],
+        json: String::from_utf8(batch_body(1)).unwrap(),
+    });
+    let mut g = c.benchmark_group("codec_event_record");
+    g.bench_function("encode", |b| {
+        let mut out = Vec::with_capacity(4096);
+        b.iter(|| {
+            out.clear();
+            codec::encode_into(black_box(&rec), &mut out).unwrap();
+        })
+    });
+    let mut bytes = Vec::new();
+    codec::encode_into(&rec, &mut bytes).unwrap();
+    g.bench_function("decode", |b| {
+        b.iter(|| black_box(codec::decode::<LogRecord>(black_box(&bytes)).unwrap()))
+    });
+    g.finish();
+
+    let registry = Registry::new(
+        2,
+        Arc::new(IdentityRules::new(&Settings::defaults().identity)),
+    );
+    let ids: Vec<Identity> = (0..100_000)
+        .map(|i| Identity {
+            ty: IdType::USER_ID,
+            value: format!("user-{i}").into_boxed_str(),
+        })
+        .collect();
+    for id in &ids {
+        registry.resolve(std::slice::from_ref(id), 1).unwrap();
+    }
+    let mut g = c.benchmark_group("registry");
+    let mut i = 0;
+    g.bench_function("resolve_known_user", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ids.len();
+            black_box(registry.resolve(std::slice::from_ref(&ids[i]), 2).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parsing, codec_and_registry);
+criterion_main!(benches);
