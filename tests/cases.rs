@@ -392,7 +392,7 @@ fn server_pid(s: &Server) -> Option<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "serve") && args.iter().any(|a| *a == dir) {
+        if args.iter().any(|a| a == "serve") && args.contains(&dir) {
             return Some(pid);
         }
     }
