@@ -33,6 +33,17 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, indexed by its discriminant.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Identify,
+        EventKind::Track,
+        EventKind::Page,
+        EventKind::Screen,
+        EventKind::Group,
+        EventKind::Alias,
+        EventKind::System,
+    ];
+
     /// The `type` string of the API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -67,27 +78,58 @@ pub fn event_names() -> &'static Interner {
     NAMES.get_or_init(Interner::new)
 }
 
-/// One entry of a profile's timeline index: enough to filter and order without disk reads.
+/// One entry of a profile's timeline index: enough to filter and order without disk
+/// reads, in 32 bytes (the kind rides in the top byte of the sequence number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventRef {
     /// Event time (corrected), ms since the epoch.
     pub ts_ms: i64,
-    /// Server-wide accept sequence.
-    pub seq: u64,
+    /// Accept sequence (low 56 bits) and kind (top 8 bits).
+    seq_kind: u64,
     /// Where the record lies in its shard's log (see `store::log::Position`).
     pub pos: u64,
     /// Receive time in whole seconds since the epoch (retention counts from it).
     pub received_s: u32,
     /// Interned event name (`event` of the API).
     pub name: Sym,
-    /// Kind of call.
-    pub kind: EventKind,
 }
 
+const SEQ_BITS: u32 = 56;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
 impl EventRef {
+    /// Builds an entry; `seq` must fit in 56 bits (72 quadrillion events).
+    pub fn new(
+        ts_ms: i64,
+        seq: u64,
+        pos: u64,
+        received_s: u32,
+        name: Sym,
+        kind: EventKind,
+    ) -> EventRef {
+        debug_assert!(seq <= SEQ_MASK);
+        EventRef {
+            ts_ms,
+            seq_kind: (seq & SEQ_MASK) | ((kind as u64) << SEQ_BITS),
+            pos,
+            received_s,
+            name,
+        }
+    }
+
+    /// Server-wide accept sequence.
+    pub fn seq(&self) -> u64 {
+        self.seq_kind & SEQ_MASK
+    }
+
+    /// Kind of call.
+    pub fn kind(&self) -> EventKind {
+        EventKind::ALL[(self.seq_kind >> SEQ_BITS) as usize]
+    }
+
     /// Order of timelines: (timestamp, seq).
     pub fn key(&self) -> (i64, u64) {
-        (self.ts_ms, self.seq)
+        (self.ts_ms, self.seq())
     }
 }
 

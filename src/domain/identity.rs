@@ -270,7 +270,8 @@ impl IdentityRules {
     fn rank(&self, ty: IdType) -> (usize, u8, std::sync::Arc<str>) {
         let name = ty.name();
         if let Some(pos) = self.priority.iter().position(|p| **p == *name) {
-            return (pos, 0, name);
+            // Listed types rank after unlisted custom types placed at the same position.
+            return (pos, 1, name);
         }
         let anon_pos = self
             .priority

@@ -139,6 +139,7 @@ impl Profile {
     /// Adds an identity unless it is already held.
     pub fn add_identity(&mut self, identity: Identity, first_seen: i64) {
         if !self.identities.iter().any(|h| h.identity == identity) {
+            self.identities.reserve_exact(1);
             self.identities.push(HeldIdentity {
                 identity,
                 first_seen,
@@ -280,12 +281,16 @@ impl Profile {
         if !changes.is_empty() {
             self.updated_at = now;
         }
+        // Profiles are many and small: keep no spare capacity after a change.
+        if self.traits.capacity() > self.traits.len() + 1 {
+            self.traits.shrink_to_fit();
+        }
         changes
     }
 
     /// Records an event in the timeline index (kept sorted) and in first/last seen.
     pub fn add_event(&mut self, r: EventRef) {
-        if r.kind != EventKind::System {
+        if r.kind() != EventKind::System {
             self.first_seen = self.first_seen.min(r.ts_ms);
             self.last_seen = self.last_seen.max(r.ts_ms);
         }
@@ -295,6 +300,10 @@ impl Profile {
             }
             _ => self.events.len(),
         };
+        if self.events.len() < 16 {
+            // Most profiles have few events: grow one at a time until they have many.
+            self.events.reserve_exact(1);
+        }
         self.events.insert(at, r);
     }
 

@@ -315,7 +315,7 @@ impl Registry {
                 refused: true,
             };
             let attempt = match (uid_owner, prev_owner) {
-                (Some(a), Some(b)) if a == b || uid == prev => {
+                (Some(a), Some(b)) if a == b || user_id == previous_id => {
                     return Ok(Resolution {
                         refused: false,
                         ..refused(a)
@@ -336,7 +336,7 @@ impl Registry {
                     }
                 }
                 (None, None) => {
-                    let ids: Vec<Identity> = if uid == prev {
+                    let ids: Vec<Identity> = if user_id == previous_id {
                         vec![uid.clone()]
                     } else {
                         vec![uid.clone(), prev.clone()]

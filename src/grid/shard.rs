@@ -220,14 +220,14 @@ fn io_problem(e: std::io::Error) -> Problem {
 }
 
 fn event_ref(r: &EventRecord, pos: Position) -> EventRef {
-    EventRef {
-        ts_ms: r.ts_ms,
-        seq: r.seq,
+    EventRef::new(
+        r.ts_ms,
+        r.seq,
         pos,
-        received_s: (r.received_ms / 1000).clamp(0, u32::MAX as i64) as u32,
-        name: event_names().intern(&r.name),
-        kind: r.kind,
-    }
+        (r.received_ms / 1000).clamp(0, u32::MAX as i64) as u32,
+        event_names().intern(&r.name),
+        r.kind,
+    )
 }
 
 /// Renders an accepted message as the API's event object.
@@ -528,7 +528,7 @@ impl EventFilter {
         };
         Some(move |e: &EventRef| {
             name.is_none_or(|n| e.name == n)
-                && self.kind.is_none_or(|k| e.kind == k)
+                && self.kind.is_none_or(|k| e.kind() == k)
                 && self.since.is_none_or(|s| e.ts_ms >= s)
                 && self.until.is_none_or(|u| e.ts_ms < u)
                 && self.before.is_none_or(|b| e.key() < b)
@@ -581,7 +581,7 @@ impl Handler<ReadTimeline> for Shard {
                 .take(msg.limit)
                 .map(|e| EventHit {
                     ts_ms: e.ts_ms,
-                    seq: e.seq,
+                    seq: e.seq(),
                     pos: e.pos,
                     profile: p.id,
                 })
@@ -615,7 +615,7 @@ impl Handler<QueryEvents> for Shard {
                 }
                 let hit = EventHit {
                     ts_ms: e.ts_ms,
-                    seq: e.seq,
+                    seq: e.seq(),
                     pos: e.pos,
                     profile,
                 };
