@@ -26,7 +26,7 @@ BATCH = 200
 BATCH_EVENT = "Smoke Batch Event"
 ORDER_TS = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc)
 ORDER_TS_TOLERANCE_S = 5.0
-MAX_PAGES = 100
+MAX_PAGES = 1000
 
 
 class ApiError(Exception):
@@ -39,10 +39,11 @@ class ApiError(Exception):
 
 
 class Api:
-    def __init__(self, base, token, timeout):
+    def __init__(self, base, token, timeout, page_size=1000):
         self.base = base.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.page_size = page_size
 
     def get(self, path, params=None):
         url = self.base + path
@@ -67,7 +68,7 @@ class Api:
     def events(self, key, **params):
         """Every event of the profile `key` matching params, following next_cursor."""
         path = "/v1/profiles/%s/events" % urllib.parse.quote(key, safe=":")
-        params = dict(params, limit=1000)
+        params = dict(params, limit=self.page_size)
         out, cursor = [], None
         for _ in range(MAX_PAGES):
             q = dict(params, cursor=cursor) if cursor else params
@@ -281,8 +282,10 @@ def main():
     ap.add_argument("--settle", type=float, default=10.0,
                     help="if a driver's checks fail, retry them for up to this many seconds "
                          "(a note is printed when a retry was needed)")
+    ap.add_argument("--page-size", type=int, default=1000,
+                    help="limit per events request (small values exercise cursor paging)")
     args = ap.parse_args()
-    api = Api(args.url, args.token, args.timeout)
+    api = Api(args.url, args.token, args.timeout, args.page_size)
 
     passed = failed = 0
     try:

@@ -90,6 +90,8 @@ pub struct IngestSettings {
     pub max_trait_bytes: usize,
     /// Messages queued per shard before 429.
     pub shard_queue_messages: usize,
+    /// Trait updates whose event times are this close are ordered by arrival.
+    pub same_time_ms: i64,
 }
 
 /// How long messageIds are remembered.

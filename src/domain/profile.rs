@@ -76,13 +76,18 @@ pub enum TraitLimitError {
     },
 }
 
-/// Trait budget of one profile.
+/// Trait budget of one profile, and how close two event times must be to count as equal.
 #[derive(Debug, Clone, Copy)]
 pub struct TraitLimits {
     /// Most top-level keys.
     pub max_keys: usize,
     /// Most bytes as JSON.
     pub max_bytes: usize,
+    /// Event times this close count as equal, so the later arrival wins: skew correction
+    /// (`receivedAt − (sentAt − timestamp)`) also counts the time a message waited in the
+    /// SDK after `sentAt` was stamped, so corrected times of messages sent moments apart
+    /// can come out in the wrong order by that much.
+    pub same_time_ms: i64,
 }
 
 /// A profile: identities, traits, timeline index and times. Around 1 KiB for a typical
@@ -184,10 +189,10 @@ impl Profile {
             let slot_time = slot.map(|s| s.time).unwrap_or(i64::MIN);
             let at = match time {
                 TraitTime::Event(t) => {
-                    if t < slot_time {
+                    if t < slot_time.saturating_sub(limits.same_time_ms) {
                         continue; // a late event never undoes a newer fact
                     }
-                    t
+                    t.max(slot_time)
                 }
                 TraitTime::Now(now) => now.max(slot_time),
             };
@@ -420,6 +425,7 @@ mod tests {
     const LIMITS: TraitLimits = TraitLimits {
         max_keys: 3,
         max_bytes: 1000,
+        same_time_ms: 0,
     };
 
     fn obj(s: &str) -> serde_json::Map<String, serde_json::Value> {
@@ -462,6 +468,37 @@ mod tests {
             .plan_traits(&obj(r#"{"plan":"y"}"#), TraitTime::Now(10), LIMITS)
             .unwrap();
         assert_eq!(p.commit_traits(plan, 6).len(), 1);
+    }
+
+    #[test]
+    fn near_equal_times_are_ordered_by_arrival() {
+        let limits = TraitLimits {
+            same_time_ms: 1000,
+            ..LIMITS
+        };
+        let mut p = Profile::new(ProfileId::new(1, 0, 1), 1);
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"pro"}"#), TraitTime::Event(10_500), limits)
+            .unwrap();
+        p.commit_traits(plan, 1);
+        // 400 ms "older" but arriving later: counts as the same time, so it wins.
+        let plan = p
+            .plan_traits(
+                &obj(r#"{"plan":"enterprise"}"#),
+                TraitTime::Event(10_100),
+                limits,
+            )
+            .unwrap();
+        assert_eq!(p.commit_traits(plan, 2).len(), 1);
+        // The key's time never goes backwards, so this stays older than the first fact.
+        let plan = p
+            .plan_traits(&obj(r#"{"plan":"free"}"#), TraitTime::Event(9_400), limits)
+            .unwrap();
+        assert!(p.commit_traits(plan, 3).is_empty());
+        assert_eq!(
+            serde_json::to_string(&p.traits_view()).unwrap(),
+            r#"{"plan":"enterprise"}"#
+        );
     }
 
     #[test]

@@ -81,6 +81,7 @@ impl Shard {
         let limits = TraitLimits {
             max_keys: usize::MAX,
             max_bytes: usize::MAX,
+            same_time_ms: ctx.settings.ingest.same_time_ms,
         };
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
@@ -104,6 +105,7 @@ impl Shard {
             limits: TraitLimits {
                 max_keys: settings.ingest.max_trait_keys,
                 max_bytes: settings.ingest.max_trait_bytes,
+                same_time_ms: settings.ingest.same_time_ms,
             },
             sync: settings.durability == crate::config::Durability::Sync,
             ctx,
