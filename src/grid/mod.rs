@@ -78,6 +78,7 @@ impl Grid {
             next_seq: Arc::new(AtomicU64::new(1)),
             catalog: Arc::new(Catalog::default()),
             data_dir: settings.data_dir.clone(),
+            flusher: crate::store::flush::Flusher::start(),
         });
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))

@@ -26,6 +26,7 @@ use crate::domain::message::Message;
 use crate::domain::profile::{Profile, TraitChange, TraitLimits, TraitTime};
 use crate::domain::value::trait_keys;
 use crate::error::{ErrorCode, Problem};
+use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
     DeleteRecord, EventRecord, LinkedIdentity, LogRecord, PatchRecord, Position, ShardLog,
 };
@@ -44,6 +45,8 @@ pub struct ShardContext {
     pub catalog: Arc<Catalog>,
     /// The data dir.
     pub data_dir: PathBuf,
+    /// Group commit: syncs the logs and answers requests once durable.
+    pub flusher: Flusher,
 }
 
 /// One shard.
@@ -204,6 +207,29 @@ impl Shard {
         }
         trim(profile, &self.ctx.settings, now);
         Ok(())
+    }
+
+    /// Writes this step's records to the OS, then runs `answer` once they are durable
+    /// (`durability = "sync"`: after the group-commit fsync) or at once (`"relaxed"`: the
+    /// fsync follows in the flusher's next round).
+    fn commit_then(&mut self, answer: impl FnOnce(Result<(), Problem>) + Send + 'static) {
+        if let Err(e) = self.log.write_pending() {
+            answer(Err(io_problem(e)));
+            return;
+        }
+        let files = vec![self.log.current_file()];
+        if self.sync {
+            self.ctx.flusher.submit(Ticket {
+                files,
+                done: Box::new(move |r| answer(r.map_err(io_problem))),
+            });
+        } else {
+            answer(Ok(()));
+            self.ctx.flusher.submit(Ticket {
+                files,
+                done: Box::new(|_| {}),
+            });
+        }
     }
 
     fn undo_links(&self, r: &Resolution, existed: bool) {
@@ -467,16 +493,18 @@ impl Handler<ApplyBatch> for Shard {
             let r = self.apply_message(item.message, item.resolution, now);
             out.push((item.index, r));
         }
-        if let Err(e) = self.log.flush(self.sync) {
-            let p = io_problem(e);
-            for (_, r) in out.iter_mut() {
-                if r.is_ok() {
-                    *r = Err(p.clone());
-                }
-            }
-        }
         self.depth.fetch_sub(n, Ordering::AcqRel);
-        let _ = msg.reply.send(out);
+        let reply = msg.reply;
+        self.commit_then(move |durable| {
+            let out = match durable {
+                Ok(()) => out,
+                Err(p) => out
+                    .into_iter()
+                    .map(|(i, r)| (i, r.and(Err(p.clone()))))
+                    .collect(),
+            };
+            let _ = reply.send(out);
+        });
     }
 }
 
@@ -761,10 +789,17 @@ impl Handler<PatchTraits> for Shard {
                 &changes,
                 now,
             )?;
-            self.log.flush(self.sync).map_err(io_problem)?;
             Ok(serde_json::to_string(&profile.view(&[])).expect("profiles serialise"))
         })();
-        let _ = msg.reply.send(result);
+        let reply = msg.reply;
+        match result {
+            Err(p) => {
+                let _ = reply.send(Err(p));
+            }
+            Ok(json) => self.commit_then(move |durable| {
+                let _ = reply.send(durable.map(|()| json));
+            }),
+        }
     }
 }
 
@@ -813,10 +848,17 @@ impl Handler<DeleteProfile> for Shard {
                 .append(&LogRecord::Event(record.clone()))
                 .map_err(io_problem)?;
             self.system_log.push((pid, event_ref(&record, pos)));
-            self.log.flush(self.sync).map_err(io_problem)?;
             Ok(true)
         })();
-        let _ = msg.reply.send(result);
+        let reply = msg.reply;
+        match result {
+            Err(p) => {
+                let _ = reply.send(Err(p));
+            }
+            Ok(found) => self.commit_then(move |durable| {
+                let _ = reply.send(durable.map(|()| found));
+            }),
+        }
     }
 }
 

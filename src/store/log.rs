@@ -138,8 +138,8 @@ pub struct ShardLog {
     shard: u16,
     /// `shards/NNNN`.
     dir: PathBuf,
-    /// The segment being appended to.
-    file: File,
+    /// The segment being appended to (shared with the flusher for `fsync`).
+    file: Arc<File>,
     /// Its number.
     segment: u32,
     /// Bytes in it that reached the OS.
@@ -240,10 +240,13 @@ impl ShardLog {
                 0
             }
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&dir, segment))?;
+        let file = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(segment_path(&dir, segment))?,
+        );
+        sync_dir(&dir)?;
         Ok(ShardLog {
             shard,
             dir,
@@ -282,8 +285,22 @@ impl ShardLog {
 
     /// Writes queued records to the OS; with `sync`, also to the disk.
     pub fn flush(&mut self, sync: bool) -> io::Result<()> {
+        self.write_pending()?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// The segment file being appended to, for a group-commit `fsync`.
+    pub fn current_file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Writes queued records to the OS (one `write` per batch), without syncing.
+    pub fn write_pending(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
-            if let Err(e) = self.file.write_all(&self.pending) {
+            if let Err(e) = (&*self.file).write_all(&self.pending) {
                 // Leave the file as it was before this batch, so nothing half-written stays.
                 let _ = self.file.set_len(self.written);
                 self.pending.clear();
@@ -291,9 +308,6 @@ impl ShardLog {
             }
             self.written += self.pending.len() as u64;
             self.pending.clear();
-        }
-        if sync {
-            self.file.sync_data()?;
         }
         Ok(())
     }
@@ -306,10 +320,13 @@ impl ShardLog {
     fn roll(&mut self) -> io::Result<()> {
         self.flush(true)?;
         self.segment += 1;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&self.dir, self.segment))?;
+        self.file = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(segment_path(&self.dir, self.segment))?,
+        );
+        sync_dir(&self.dir)?;
         self.written = 0;
         self.segments.write().push(SegmentMeta {
             number: self.segment,
@@ -323,6 +340,11 @@ impl ShardLog {
     pub fn segments(&self) -> Arc<RwLock<Vec<SegmentMeta>>> {
         self.segments.clone()
     }
+}
+
+/// Makes a new file's directory entry durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Reads every intact record of one segment file; returns the length of the intact prefix.

@@ -6,5 +6,6 @@
 //! domain functions.
 
 pub mod codec;
+pub mod flush;
 pub mod log;
 pub mod meta;
