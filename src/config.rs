@@ -48,6 +48,16 @@ pub struct Settings {
     pub stream: StreamSettings,
     /// Query bounds.
     pub query: QuerySettings,
+    /// Periodic snapshots.
+    pub snapshots: SnapshotSettings,
+}
+
+/// When snapshots are taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSettings {
+    /// Seconds of server time between periodic snapshots (0: only at shutdown and on demand).
+    pub interval_seconds: u64,
 }
 
 /// Which clock drives server time.

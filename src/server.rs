@@ -159,9 +159,16 @@ pub async fn run(
         Arc::new(IdentityRules::new(&settings.identity)),
     ));
     let started = std::time::Instant::now();
-    let grid = Grid::start(settings.clone(), shards, registry, timers.clone())
-        .await
-        .context("cannot open the shard logs")?;
+    let snapshots = crate::store::snapshot::SnapshotStore::open(meta.db())?;
+    let grid = Grid::start(
+        settings.clone(),
+        shards,
+        registry,
+        timers.clone(),
+        snapshots,
+    )
+    .await
+    .context("cannot recover the data dir")?;
     tracing::info!(
         shards,
         profiles = grid.registry.profile_count(),
@@ -190,6 +197,12 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "http task failed"),
     }
     let _ = stop_timers_tx.send(());
+    match grid.snapshot().await {
+        Ok(m) => tracing::info!(snapshot = m.id, "final snapshot taken"),
+        Err(e) => {
+            tracing::error!(error = %e, "final snapshot failed; the log still holds everything")
+        }
+    }
     grid.shutdown().await;
     drop(meta);
     tracing::info!("stopped");

@@ -293,6 +293,20 @@ impl Profile {
         changes
     }
 
+    /// Replaces all trait slots (sorted by key) and recomputes the budget counters.
+    pub fn set_traits(&mut self, traits: Vec<TraitSlot>) {
+        debug_assert!(traits.windows(2).all(|w| w[0].key < w[1].key));
+        self.live_keys = 0;
+        self.trait_bytes = 2;
+        for t in &traits {
+            if let Some(v) = &t.value {
+                self.live_keys += 1;
+                self.trait_bytes += slot_bytes(&trait_keys().name(t.key), v) as u32;
+            }
+        }
+        self.traits = traits;
+    }
+
     /// Records an event in the timeline index (kept sorted) and in first/last seen.
     pub fn add_event(&mut self, r: EventRef) {
         if r.kind() != EventKind::System {

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod clock;
 pub mod registry;
 pub mod shard;
+pub mod snapshot;
 pub mod timer;
 
 use std::sync::Arc;
@@ -54,6 +55,12 @@ pub struct Grid {
     pub catalog: Arc<Catalog>,
     /// Next accept sequence number.
     pub next_seq: Arc<AtomicU64>,
+    /// Accepted messageIds.
+    pub dedup: Arc<crate::ingest::dedup::Dedup>,
+    /// Where snapshots go.
+    pub snapshots: crate::store::snapshot::SnapshotStore,
+    /// One snapshot at a time.
+    snapshot_lock: tokio::sync::Mutex<()>,
 }
 
 /// The actor is gone: only during shutdown.
@@ -69,16 +76,43 @@ impl Grid {
         shard_count: u16,
         registry: Arc<Registry>,
         timers: Arc<Timers>,
-    ) -> std::io::Result<Arc<Grid>> {
+        snapshots: crate::store::snapshot::SnapshotStore,
+    ) -> anyhow::Result<Arc<Grid>> {
         let clock = timers.clock().clone();
+        let d = &settings.dedup;
+        let dedup = Arc::new(crate::ingest::dedup::Dedup::new(
+            d.window_hours as i64 * 3_600_000,
+            d.max_ids,
+        ));
+        let loaded = {
+            let store = snapshots.clone();
+            tokio::task::spawn_blocking(move || snapshot::load_newest(&store, shard_count))
+                .await
+                .expect("snapshot load task")?
+        };
+        let mut per_shard: Vec<Vec<_>> = (0..shard_count).map(|_| Vec::new()).collect();
+        let mut start_seq = 1;
+        if let Some(l) = loaded {
+            tracing::info!(
+                snapshot = l.manifest.id,
+                profiles = l.manifest.profiles(),
+                "loading snapshot"
+            );
+            for (h, t) in l.dedup.ids {
+                dedup.restore(h, t);
+            }
+            start_seq = l.manifest.next_seq;
+            per_shard = l.shards;
+        }
         let ctx = Arc::new(ShardContext {
             settings: settings.clone(),
             registry: registry.clone(),
             clock: clock.clone(),
-            next_seq: Arc::new(AtomicU64::new(1)),
+            next_seq: Arc::new(AtomicU64::new(start_seq)),
             catalog: Arc::new(Catalog::default()),
             data_dir: settings.data_dir.clone(),
             flusher: crate::store::flush::Flusher::start(),
+            dedup: dedup.clone(),
         });
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))
@@ -88,11 +122,13 @@ impl Grid {
             let depths = depths.clone();
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|s| {
-                    let handles: Vec<_> = (0..shard_count)
-                        .map(|i| {
+                    let handles: Vec<_> = per_shard
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, chunks)| {
                             let ctx = ctx.clone();
-                            let depth = depths[i as usize].clone();
-                            s.spawn(move || Shard::open(i, ctx, depth))
+                            let depth = depths[i].clone();
+                            s.spawn(move || Shard::open(i as u16, ctx, depth, chunks))
                         })
                         .collect();
                     handles
@@ -123,10 +159,49 @@ impl Grid {
             timers,
             catalog: ctx.catalog.clone(),
             next_seq: ctx.next_seq.clone(),
+            dedup,
+            snapshots,
+            snapshot_lock: tokio::sync::Mutex::new(()),
             settings,
         });
         grid.schedule_retention();
+        grid.schedule_snapshots();
         Ok(grid)
+    }
+
+    /// The actor of one shard.
+    pub fn shard(&self, i: u16) -> &Addr<Shard> {
+        &self.shards[i as usize]
+    }
+
+    /// Takes a snapshot now (one at a time).
+    pub async fn snapshot(
+        self: &Arc<Self>,
+    ) -> Result<crate::store::snapshot::Manifest, crate::store::snapshot::SnapshotError> {
+        let _one = self.snapshot_lock.lock().await;
+        snapshot::take(self, &self.snapshots).await
+    }
+
+    /// Takes a snapshot every `snapshots.interval_seconds` of server time.
+    fn schedule_snapshots(self: &Arc<Self>) {
+        let every = self.settings.snapshots.interval_seconds as i64 * 1000;
+        if every == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        self.timers.schedule(
+            self.clock.now_ms() + every,
+            Box::new(move |_| {
+                Box::pin(async move {
+                    if let Some(grid) = weak.upgrade() {
+                        if let Err(e) = grid.snapshot().await {
+                            tracing::error!(error = %e, "periodic snapshot failed");
+                        }
+                        grid.schedule_snapshots();
+                    }
+                })
+            }),
+        );
     }
 
     /// Number of shards.

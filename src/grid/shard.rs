@@ -30,6 +30,7 @@ use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
     DeleteRecord, EventRecord, LinkedIdentity, LogRecord, PatchRecord, Position, ShardLog,
 };
+use crate::store::snapshot::{ChunkInfo, ShardChunk};
 
 /// What every shard shares: settings, registry, clock, the accept sequence.
 pub struct ShardContext {
@@ -47,6 +48,8 @@ pub struct ShardContext {
     pub data_dir: PathBuf,
     /// Group commit: syncs the logs and answers requests once durable.
     pub flusher: Flusher,
+    /// Accepted messageIds (restored from snapshots and the log at start).
+    pub dedup: Arc<crate::ingest::dedup::Dedup>,
 }
 
 /// One shard.
@@ -73,14 +76,42 @@ pub struct Shard {
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Shard {
-    /// Opens the shard's log and replays it into memory.
+    /// Loads the shard's part of a snapshot, then replays the log after it: for each
+    /// profile, only the records at or after the position its chunk covers.
     pub fn open(
         id: u16,
         ctx: Arc<ShardContext>,
         depth: Arc<AtomicUsize>,
+        snapshot: Vec<(ChunkInfo, ShardChunk)>,
     ) -> std::io::Result<Shard> {
         let mut profiles = BTreeMap::new();
         let mut system_log = Vec::new();
+        let mut covers: Vec<(Option<u128>, Position)> = Vec::with_capacity(snapshot.len());
+        for (info, chunk) in snapshot {
+            let (ps, sys) = super::snapshot::decode_chunk(chunk);
+            for p in ps {
+                ctx.registry.restore_profile(p.id);
+                for h in &p.identities {
+                    ctx.registry.restore_link(p.id, &h.identity, h.first_seen);
+                }
+                for t in &p.traits {
+                    if let Some(v) = &t.value {
+                        ctx.catalog.add(&trait_keys().name(t.key), v);
+                    }
+                }
+                profiles.insert(p.id, p);
+            }
+            system_log.extend(sys);
+            covers.push((info.through, info.covers));
+        }
+        let from = covers.iter().map(|(_, c)| *c).min().unwrap_or(0);
+        let covering = |pid: u128| -> Position {
+            covers
+                .iter()
+                .find(|(through, _)| through.is_none_or(|t| pid <= t))
+                .map(|(_, c)| *c)
+                .unwrap_or(0)
+        };
         let limits = TraitLimits {
             max_keys: usize::MAX,
             max_bytes: usize::MAX,
@@ -88,10 +119,17 @@ impl Shard {
         };
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
-        let log = ShardLog::open(&ctx.data_dir, id, SEGMENT_BYTES, |pos, rec| {
-            replayed += 1;
+        let log = ShardLog::open(&ctx.data_dir, id, SEGMENT_BYTES, from, |pos, rec| {
             ctx.next_seq.fetch_max(rec.seq() + 1, Ordering::AcqRel);
-            replay(&ctx, &mut profiles, &mut system_log, limits, pos, rec);
+            if let LogRecord::Event(e) = &rec
+                && e.dedup_hash != 0
+            {
+                ctx.dedup.restore(e.dedup_hash, e.received_ms);
+            }
+            if pos >= covering(rec.profile()) {
+                replayed += 1;
+                replay(&ctx, &mut profiles, &mut system_log, limits, pos, rec);
+            }
         })?;
         if replayed > 0 {
             tracing::info!(
@@ -185,6 +223,7 @@ impl Shard {
             kind: m.kind,
             name,
             created: !exists,
+            dedup_hash: crate::ingest::dedup::hash_id(&m.message_id),
             linked,
             json,
         };
@@ -331,6 +370,7 @@ fn system_record(
         kind: EventKind::System,
         name: name.to_owned(),
         created: false,
+        dedup_hash: 0,
         linked: Vec::new(),
         json: serde_json::to_string(&out).expect("events serialise"),
     }
@@ -916,5 +956,80 @@ impl Handler<CountProfiles> for Shard {
 
     fn handle(&mut self, msg: CountProfiles, _: &mut Self::Context) {
         let _ = msg.reply.send(self.profiles.len());
+    }
+}
+
+/// A slice of profiles for a snapshot: the chunk, its last id, the log position it
+/// covers, and whether it is the shard's last.
+pub type EncodedChunk = (ShardChunk, Option<ProfileId>, Position, bool);
+
+/// Encodes the next slice of this shard's profiles for a snapshot. Slices are small so a
+/// snapshot never holds the shard for more than a few milliseconds.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct EncodeChunk {
+    /// Profiles with ids greater than this.
+    pub after: Option<ProfileId>,
+    /// At most this many.
+    pub max: usize,
+    /// The chunk, the last id in it, the log position it covers, and whether it is the last.
+    pub reply: oneshot::Sender<std::io::Result<EncodedChunk>>,
+}
+
+impl Handler<EncodeChunk> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: EncodeChunk, _: &mut Self::Context) {
+        use std::ops::Bound;
+        // The chunk may only cover records that are on disk.
+        if let Err(e) = self.log.flush(true) {
+            let _ = msg.reply.send(Err(e));
+            return;
+        }
+        let covers = self.log.end_position();
+        let start = match msg.after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let slice: Vec<&Profile> = self
+            .profiles
+            .range((start, Bound::Unbounded))
+            .take(msg.max)
+            .map(|(_, p)| p)
+            .collect();
+        let done = slice.len() < msg.max;
+        let last = slice.last().map(|p| p.id);
+        let system: &[(ProfileId, EventRef)] = if done { &self.system_log } else { &[] };
+        let chunk = super::snapshot::encode_chunk(slice.into_iter(), system);
+        let _ = msg.reply.send(Ok((chunk, last, covers, done)));
+    }
+}
+
+/// Deletes log segments before a snapshot's position that hold no live event.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct TruncateLog {
+    /// The position the newest snapshot covers for this shard.
+    pub before: Position,
+    /// Segments deleted.
+    pub reply: oneshot::Sender<std::io::Result<usize>>,
+}
+
+impl Handler<TruncateLog> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: TruncateLog, _: &mut Self::Context) {
+        let mut live = std::collections::HashSet::new();
+        for p in self.profiles.values() {
+            for e in &p.events {
+                live.insert(crate::store::log::split_position(e.pos).1);
+            }
+        }
+        for (_, e) in &self.system_log {
+            live.insert(crate::store::log::split_position(e.pos).1);
+        }
+        let _ = msg
+            .reply
+            .send(self.log.delete_segments_before(msg.before, &live));
     }
 }

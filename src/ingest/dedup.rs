@@ -74,6 +74,31 @@ impl Dedup {
         }
     }
 
+    /// Puts back an id accepted at `at` (recovery from a snapshot or the log).
+    pub fn restore(&self, hash: u64, at: i64) {
+        let mut s = self.stripe(hash).lock();
+        if s.accepted.get(&hash).is_none_or(|t| *t < at) {
+            s.accepted.insert(hash, at);
+            s.order.push_back((at, hash));
+        }
+    }
+
+    /// Every remembered id still inside the window at `now` (for snapshots).
+    pub fn export(&self, now: i64) -> Vec<(u64, i64)> {
+        let horizon = now - self.window_ms;
+        let mut out = Vec::new();
+        for stripe in &self.stripes {
+            let s = stripe.lock();
+            out.extend(
+                s.accepted
+                    .iter()
+                    .filter(|(_, t)| **t > horizon)
+                    .map(|(h, t)| (*h, *t)),
+            );
+        }
+        out
+    }
+
     /// Gives back an id whose request was not persisted.
     pub fn release(&self, hash: u64) {
         self.stripe(hash).lock().accepted.remove(&hash);

@@ -59,15 +59,14 @@ pub enum KeyCheck<'a> {
 pub struct Ingestor {
     /// The grid messages go to.
     grid: Arc<Grid>,
-    /// Accepted messageIds.
-    dedup: Dedup,
+    /// Accepted messageIds (owned by the grid, so recovery and snapshots see them).
+    dedup: Arc<Dedup>,
 }
 
 impl Ingestor {
     /// A service over `grid`.
     pub fn new(grid: Arc<Grid>) -> Ingestor {
-        let s = &grid.settings.dedup;
-        let dedup = Dedup::new(s.window_hours as i64 * 3_600_000, s.max_ids);
+        let dedup = grid.dedup.clone();
         Ingestor { grid, dedup }
     }
 

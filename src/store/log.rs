@@ -65,6 +65,8 @@ pub struct EventRecord {
     pub name: String,
     /// Whether this message created the profile.
     pub created: bool,
+    /// Hash of its messageId for dedup (0 for standard events).
+    pub dedup_hash: u64,
     /// Identities this message linked to the profile.
     pub linked: Vec<LinkedIdentity>,
     /// The event as the API shows it (without `profile_id`).
@@ -111,6 +113,15 @@ pub enum LogRecord {
 }
 
 impl LogRecord {
+    /// The profile the record is about.
+    pub fn profile(&self) -> u128 {
+        match self {
+            LogRecord::Event(r) => r.profile,
+            LogRecord::Patch(r) => r.profile,
+            LogRecord::Delete(r) => r.profile,
+        }
+    }
+
     /// The record's accept sequence.
     pub fn seq(&self) -> u64 {
         match self {
@@ -177,10 +188,13 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
 impl ShardLog {
     /// Opens (or creates) a shard's log and replays every intact record through `apply`
     /// in log order. A torn record at the end of the last segment is cut off.
+    /// Records before `from` (a snapshot covers them) are not read: whole segments before
+    /// it are skipped.
     pub fn open(
         data_dir: &Path,
         shard: u16,
         max_segment_bytes: u64,
+        from: Position,
         mut apply: impl FnMut(Position, LogRecord),
     ) -> io::Result<ShardLog> {
         let dir = shard_dir(data_dir, shard);
@@ -188,14 +202,25 @@ impl ShardLog {
         let numbers = list_segments(&dir)?;
         let mut metas = Vec::with_capacity(numbers.len().max(1));
         let mut last_len = 0;
+        let (_, from_segment, from_offset) = split_position(from);
         for (i, &n) in numbers.iter().enumerate() {
             let path = segment_path(&dir, n);
+            if n < from_segment && i + 1 < numbers.len() {
+                // Covered by the snapshot: unknown time range, kept for event reads.
+                metas.push(SegmentMeta {
+                    number: n,
+                    min_ts: i64::MIN,
+                    max_ts: i64::MAX,
+                });
+                continue;
+            }
+            let start = if n == from_segment { from_offset } else { 0 };
             let mut meta = SegmentMeta {
                 number: n,
                 min_ts: i64::MAX,
                 max_ts: i64::MIN,
             };
-            let good_len = scan_file(&path, |offset, rec| {
+            let good_len = scan_file(&path, start, |offset, rec| {
                 if let LogRecord::Event(e) = &rec {
                     meta.min_ts = meta.min_ts.min(e.ts_ms);
                     meta.max_ts = meta.max_ts.max(e.ts_ms);
@@ -336,6 +361,42 @@ impl ShardLog {
         Ok(())
     }
 
+    /// The position the next record will get (everything before it was written).
+    pub fn end_position(&self) -> Position {
+        position(
+            self.shard,
+            self.segment,
+            self.written + self.pending.len() as u64,
+        )
+    }
+
+    /// Deletes segment files before `before` that `keep` does not name (no live event
+    /// lies in them, and a snapshot covers their other records). Returns how many.
+    pub fn delete_segments_before(
+        &mut self,
+        before: Position,
+        keep: &std::collections::HashSet<u32>,
+    ) -> io::Result<usize> {
+        let (_, seg, _) = split_position(before);
+        let mut deleted = 0;
+        let mut metas = self.segments.write();
+        let mut kept = Vec::with_capacity(metas.len());
+        for m in metas.drain(..) {
+            if m.number < seg && m.number != self.segment && !keep.contains(&m.number) {
+                std::fs::remove_file(segment_path(&self.dir, m.number))?;
+                deleted += 1;
+            } else {
+                kept.push(m);
+            }
+        }
+        *metas = kept;
+        drop(metas);
+        if deleted > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+
     /// The time index of this shard's segments, shared with readers.
     pub fn segments(&self) -> Arc<RwLock<Vec<SegmentMeta>>> {
         self.segments.clone()
@@ -347,10 +408,19 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Reads every intact record of one segment file; returns the length of the intact prefix.
-fn scan_file(path: &Path, mut f: impl FnMut(u64, LogRecord)) -> io::Result<u64> {
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
-    let mut offset = 0u64;
+/// Reads every intact record of one segment file from `start` (a record boundary); returns
+/// the length of the intact prefix.
+fn scan_file(path: &Path, start: u64, mut f: impl FnMut(u64, LogRecord)) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    if start > 0 {
+        use std::io::Seek;
+        if file.metadata()?.len() < start {
+            return Ok(file.metadata()?.len());
+        }
+        file.seek(io::SeekFrom::Start(start))?;
+    }
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut offset = start;
     let mut header = [0u8; 8];
     let mut buf = Vec::new();
     loop {
@@ -407,6 +477,13 @@ impl LogReader {
         Ok(f)
     }
 
+    /// Drops cached handles of a shard's deleted segments.
+    pub fn forget_deleted(&self, shard: u16) {
+        self.files.retain(|(s, seg), _| {
+            *s != shard || segment_path(&shard_dir(&self.data_dir, *s), *seg).exists()
+        });
+    }
+
     /// Reads the record at `pos`.
     pub fn read(&self, pos: Position) -> io::Result<LogRecord> {
         let (shard, segment, offset) = split_position(pos);
@@ -440,6 +517,7 @@ mod tests {
             kind: EventKind::Track,
             name: "Viewed".into(),
             created: seq == 1,
+            dedup_hash: seq,
             linked: vec![],
             json: format!("{{\"seq\":{seq}}}"),
         })
@@ -448,7 +526,7 @@ mod tests {
     #[test]
     fn append_read_replay_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ShardLog::open(dir.path(), 2, 200, |_, _| panic!("empty")).unwrap();
+        let mut log = ShardLog::open(dir.path(), 2, 200, 0, |_, _| panic!("empty")).unwrap();
         let mut positions = Vec::new();
         for seq in 1..=10 {
             positions.push(log.append(&event(seq, seq as i64 * 10)).unwrap());
@@ -477,7 +555,7 @@ mod tests {
             .set_len(len - 3)
             .unwrap();
         let mut seen = Vec::new();
-        let mut log = ShardLog::open(dir.path(), 2, 200, |_, r| seen.push(r.seq())).unwrap();
+        let mut log = ShardLog::open(dir.path(), 2, 200, 0, |_, r| seen.push(r.seq())).unwrap();
         assert_eq!(seen, (1..=9).collect::<Vec<_>>());
         let p = log.append(&event(11, 5)).unwrap();
         log.flush(false).unwrap();

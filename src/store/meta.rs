@@ -41,6 +41,11 @@ impl Meta {
         Ok(Meta { db })
     }
 
+    /// The sled database (snapshots live in their own tree of it).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// Reads a text value.
     pub fn get(&self, key: &str) -> Result<Option<String>, MetaError> {
         Ok(self

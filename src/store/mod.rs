@@ -9,3 +9,4 @@ pub mod codec;
 pub mod flush;
 pub mod log;
 pub mod meta;
+pub mod snapshot;
