@@ -72,6 +72,7 @@ fn codec_and_registry(c: &mut Criterion) {
         kind: user360::domain::event::EventKind::Track,
         name: "Product Viewed".into(),
         created: false,
+        dedup_hash: 42,
         linked: vec![],
         json: String::from_utf8(batch_body(1)).unwrap(),
     });
