@@ -11,9 +11,11 @@
 //! - [`segment`]: the rule language (paths, comparisons, property conditions).
 //! - [`ingest`]: from ingest request bytes to validated, deduplicated, routed messages.
 //! - [`grid`]: actors: registry, shards (hosting profiles), clock and timers, catalog.
-//! - [`store`]: the per-shard log (WAL + event store), codec, data dir metadata.
+//! - [`store`]: the per-shard log (WAL + event store), group commit, snapshots and backup
+//!   files, codec, data dir metadata.
 //! - [`api`]: axum routes; parse, authenticate, translate errors; nothing else.
 //! - [`server`]: start (keys, shard count, bind, recover) and graceful shutdown.
+//! - [`cli`]: the other commands (`snapshot create|restore|inspect`).
 //!
 //! # Data flow
 //! HTTP → `api::ingest` (auth, bounded body) → `ingest::Ingestor` (decode, parse,
@@ -22,6 +24,7 @@
 //! flush) → answer. See `docs/architecture.md`.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -30,6 +30,40 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Backups: take one from a running server, check one, or restore one into a data dir.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Asks a running server for a snapshot and downloads it as a backup file.
+    Create {
+        /// Server base URL, e.g. http://127.0.0.1:8080
+        #[arg(long, env = "USER360_SERVER")]
+        server: String,
+        /// Admin token.
+        #[arg(long, env = "USER360_TOKEN")]
+        token: String,
+        /// Output file (default: user360-snapshot-<id>.u360bak).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Checks a backup file (header, every checksum) and describes it.
+    Inspect {
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Replaces a data dir (of a stopped server) with a backup; the old one is moved aside.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The data dir to restore into.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +94,27 @@ fn main() -> anyhow::Result<()> {
                 user360::server::shutdown_signal(),
             ))
         }
+        Command::Snapshot { action } => match action {
+            SnapshotAction::Create {
+                server,
+                token,
+                output,
+            } => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let path = rt.block_on(user360::cli::snapshot::create(&server, &token, output))?;
+                println!("{}", path.display());
+                Ok(())
+            }
+            SnapshotAction::Inspect { file } => {
+                println!("{}", user360::cli::snapshot::inspect(&file)?);
+                Ok(())
+            }
+            SnapshotAction::Restore { file, data_dir } => {
+                println!("{}", user360::cli::snapshot::restore(&file, &data_dir)?);
+                Ok(())
+            }
+        },
     }
 }

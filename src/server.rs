@@ -111,16 +111,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
-    let meta = Meta::open(&settings.data_dir)?;
-    let (keys, dev_keys) = keys_for(&settings, &meta)?;
+    // Refuse before touching the data dir, so a refused start leaves nothing behind.
+    let dev_keys = settings.write_keys.is_empty() || settings.admin_token.is_empty();
     if dev_keys && !settings.listen_is_loopback() {
         bail!(
             "refusing to listen on {} with development keys: set admin_token and write_keys (or USER360_ADMIN_TOKEN and USER360_WRITE_KEYS) to listen beyond loopback",
             settings.listen
         );
     }
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
+    let meta = Meta::open(&settings.data_dir)?;
+    let (keys, _) = keys_for(&settings, &meta)?;
     let shards = shard_count(&settings, &meta)?;
 
     let addr = settings.listen_addr().context("invalid listen address")?;

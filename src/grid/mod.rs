@@ -59,8 +59,8 @@ pub struct Grid {
     pub dedup: Arc<crate::ingest::dedup::Dedup>,
     /// Where snapshots go.
     pub snapshots: crate::store::snapshot::SnapshotStore,
-    /// One snapshot at a time.
-    snapshot_lock: tokio::sync::Mutex<()>,
+    /// One snapshot (or backup download) at a time.
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The actor is gone: only during shutdown.
@@ -101,6 +101,7 @@ impl Grid {
             for (h, t) in l.dedup.ids {
                 dedup.restore(h, t);
             }
+            registry.suppress(&l.suppressed);
             start_seq = l.manifest.next_seq;
             per_shard = l.shards;
         }
@@ -161,7 +162,7 @@ impl Grid {
             next_seq: ctx.next_seq.clone(),
             dedup,
             snapshots,
-            snapshot_lock: tokio::sync::Mutex::new(()),
+            snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
             settings,
         });
         grid.schedule_retention();
@@ -172,6 +173,11 @@ impl Grid {
     /// The actor of one shard.
     pub fn shard(&self, i: u16) -> &Addr<Shard> {
         &self.shards[i as usize]
+    }
+
+    /// Holds off snapshots (and the pruning and log deletion they do) while held.
+    pub async fn snapshot_guard(self: &Arc<Self>) -> tokio::sync::OwnedMutexGuard<()> {
+        self.snapshot_lock.clone().lock_owned().await
     }
 
     /// Takes a snapshot now (one at a time).
@@ -421,12 +427,14 @@ impl Grid {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Erases a profile; false when it did not exist.
-    pub async fn delete_profile(&self, id: ProfileId) -> Result<bool, Problem> {
+    /// Erases a profile (with `suppress`, its identities are refused from then on); false
+    /// when it did not exist.
+    pub async fn delete_profile(&self, id: ProfileId, suppress: bool) -> Result<bool, Problem> {
         let addr = &self.shards[id.shard() as usize];
         let (tx, rx) = oneshot::channel();
         addr.do_send(DeleteProfile {
             profile: id,
+            suppress,
             reply: tx,
         });
         rx.await.map_err(|_| gone())?

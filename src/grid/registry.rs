@@ -49,6 +49,9 @@ pub struct Registry {
     index: DashMap<u128, ProfileId>,
     /// Profile → the types of the identities it holds.
     owners: DashMap<ProfileId, OwnerEntry>,
+    /// Fingerprints of identities erased with `?suppress=true`: messages carrying them are
+    /// refused, so an SDK's queued resend cannot recreate the person.
+    suppressed: dashmap::DashSet<u128>,
     /// How many shards exist (new profiles are spread over them).
     shards: u16,
     /// Limits, priority, blocked values.
@@ -61,6 +64,7 @@ impl Registry {
         Registry {
             index: DashMap::new(),
             owners: DashMap::new(),
+            suppressed: dashmap::DashSet::new(),
             shards,
             rules,
         }
@@ -365,6 +369,28 @@ impl Registry {
     /// Registers a profile that holds no identity yet (replay of a creation).
     pub fn restore_profile(&self, pid: ProfileId) {
         self.owners.entry(pid).or_default();
+    }
+
+    /// Remembers identity fingerprints as suppressed.
+    pub fn suppress(&self, hashes: &[u128]) {
+        for h in hashes {
+            self.suppressed.insert(*h);
+        }
+    }
+
+    /// The suppressed identity among `identities`, if any.
+    pub fn suppressed_among<'a>(&self, identities: &'a [Identity]) -> Option<&'a Identity> {
+        if self.suppressed.is_empty() {
+            return None;
+        }
+        identities
+            .iter()
+            .find(|i| self.suppressed.contains(&i.hash()))
+    }
+
+    /// Every suppressed fingerprint (for snapshots).
+    pub fn suppressed_list(&self) -> Vec<u128> {
+        self.suppressed.iter().map(|h| *h).collect()
     }
 
     /// Undoes links made for a message that was then rejected.

@@ -469,6 +469,7 @@ fn replay(
             }
         }
         LogRecord::Delete(d) => {
+            ctx.registry.suppress(&d.suppressed);
             let pid = ProfileId(d.profile);
             if let Some(p) = profiles.remove(&pid) {
                 let ids: Vec<Identity> = p.identities.into_iter().map(|h| h.identity).collect();
@@ -849,6 +850,8 @@ impl Handler<PatchTraits> for Shard {
 pub struct DeleteProfile {
     /// Which.
     pub profile: ProfileId,
+    /// Keep fingerprints of its identities so later messages carrying them are refused.
+    pub suppress: bool,
     /// False when the profile was not here.
     pub reply: oneshot::Sender<Result<bool, Problem>>,
 }
@@ -865,6 +868,12 @@ impl Handler<DeleteProfile> for Shard {
         };
         let ids: Vec<Identity> = profile.identities.into_iter().map(|h| h.identity).collect();
         self.ctx.registry.remove_profile(pid, &ids);
+        let suppressed: Vec<u128> = if msg.suppress {
+            ids.iter().map(Identity::hash).collect()
+        } else {
+            Vec::new()
+        };
+        self.ctx.registry.suppress(&suppressed);
         metrics::gauge!("user360_profiles").decrement(1.0);
         let result = (|| -> Result<bool, Problem> {
             let seq = self.next_seq();
@@ -873,6 +882,7 @@ impl Handler<DeleteProfile> for Shard {
                     seq,
                     profile: pid.0,
                     now_ms: now,
+                    suppressed,
                 }))
                 .map_err(io_problem)?;
             let s = self.next_seq();

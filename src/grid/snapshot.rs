@@ -162,6 +162,8 @@ pub struct Loaded {
     pub shards: Vec<Vec<(ChunkInfo, ShardChunk)>>,
     /// Remembered messageIds.
     pub dedup: DedupSection,
+    /// Suppressed identity fingerprints.
+    pub suppressed: Vec<u128>,
 }
 
 /// Loads the newest snapshot whose every part checks out; older ones are tried in turn.
@@ -196,10 +198,15 @@ fn load(store: &SnapshotStore, manifest: &Manifest, shards: u16) -> Result<Loade
         Some(s) => store.section(manifest.id, s)?,
         None => DedupSection { ids: Vec::new() },
     };
+    let suppressed = match manifest.sections.iter().find(|s| s.name == "suppressed") {
+        Some(s) => store.section(manifest.id, s)?,
+        None => Vec::new(),
+    };
     Ok(Loaded {
         manifest: manifest.clone(),
         shards: by_shard,
         dedup,
+        suppressed,
     })
 }
 
@@ -210,6 +217,7 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
     let id = store.next_id()?;
     let mut chunks = Vec::new();
     let mut covers_by_shard = Vec::new();
+    let mut cut = Vec::new();
     for shard in 0..grid.shard_count() as u16 {
         let mut after: Option<ProfileId> = None;
         let mut index = 0u32;
@@ -248,6 +256,7 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
                 .expect("snapshot chunk task")?;
             chunks.push(info);
             if done {
+                cut.push(covers);
                 break;
             }
             after = last;
@@ -258,17 +267,24 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
     let dedup = DedupSection {
         ids: grid.dedup.export(grid.clock.now_ms()),
     };
+    let suppressed = grid.registry.suppressed_list();
     let store2 = store.clone();
-    let section = tokio::task::spawn_blocking(move || store2.put_section(id, "dedup", &dedup))
-        .await
-        .expect("snapshot section task")?;
+    let sections = tokio::task::spawn_blocking(move || {
+        Ok::<_, SnapshotError>(vec![
+            store2.put_section(id, "dedup", &dedup)?,
+            store2.put_section(id, "suppressed", &suppressed)?,
+        ])
+    })
+    .await
+    .expect("snapshot section task")?;
     let manifest = Manifest {
         id,
         created_at: grid.clock.now_ms(),
         shards: grid.shard_count() as u16,
         next_seq: grid.next_seq.load(std::sync::atomic::Ordering::Acquire),
         chunks,
-        sections: vec![section],
+        sections,
+        cut,
     };
     let store2 = store.clone();
     let m2 = manifest.clone();

@@ -70,6 +70,28 @@ impl Ingestor {
         Ingestor { grid, dedup }
     }
 
+    /// The suppressed identity a message carries (alias: both ids, as either type).
+    fn suppressed(
+        &self,
+        m: &crate::domain::message::Message,
+    ) -> Option<crate::domain::identity::Identity> {
+        use crate::domain::identity::{IdType, Identity};
+        let registry = &self.grid.registry;
+        if m.kind != EventKind::Alias {
+            return registry.suppressed_among(&m.identities).cloned();
+        }
+        let mut ids = Vec::with_capacity(4);
+        for v in [&m.user_id, &m.previous_id].into_iter().flatten() {
+            for ty in [IdType::USER_ID, IdType::ANONYMOUS_ID] {
+                ids.push(Identity {
+                    ty,
+                    value: v.as_str().into(),
+                });
+            }
+        }
+        registry.suppressed_among(&ids).cloned()
+    }
+
     /// Handles one ingest request. `Err` is a whole-request failure (a single-message
     /// endpoint's rejected message is one too).
     pub async fn ingest(
@@ -130,6 +152,21 @@ impl Ingestor {
             let hash = dedup::hash_id(&message.message_id);
             if !self.dedup.reserve(hash, received_ms) {
                 duplicates += 1;
+                continue;
+            }
+            if let Some(id) = self.suppressed(&message) {
+                self.dedup.release(hash);
+                rejected.push((
+                    index,
+                    Problem::new(
+                        ErrorCode::Suppressed,
+                        format!(
+                            "{} {:?} belongs to a person erased with suppression; the message is refused",
+                            id.ty.name(),
+                            id.value
+                        ),
+                    ),
+                ));
                 continue;
             }
             let resolution = if message.kind == EventKind::Alias {
@@ -199,7 +236,10 @@ impl Ingestor {
             metrics::counter!("user360_ingest_rejected_total", "reason" => p.code.as_str())
                 .increment(1);
         }
-        if let Endpoint::Single(_) = endpoint {
+        let suppressed_only = rejected
+            .iter()
+            .all(|(_, p)| p.code == ErrorCode::Suppressed);
+        if let (Endpoint::Single(_), false) = (endpoint, suppressed_only) {
             if let Some((_, p)) = rejected.into_iter().next() {
                 return Err(p);
             }

@@ -101,6 +101,12 @@ pub fn parse_body(
     ctx: &ParseContext<'_>,
     notes: &mut ParseNotes,
 ) -> Result<Envelope, Problem> {
+    if body.starts_with(&[0x1f, 0x8b]) {
+        return Err(Problem::new(
+            ErrorCode::InvalidJson,
+            "the body is not JSON: it looks gzip-compressed but the request has no Content-Encoding: gzip header",
+        ));
+    }
     match endpoint {
         Endpoint::Single(kind) => {
             if body.len() > ctx.limits.max_message_bytes {

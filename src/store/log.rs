@@ -99,6 +99,8 @@ pub struct DeleteRecord {
     pub profile: u128,
     /// Server time of the erasure.
     pub now_ms: i64,
+    /// Identity fingerprints suppressed by it (`?suppress=true`; empty otherwise).
+    pub suppressed: Vec<u128>,
 }
 
 /// Every kind of state change a shard logs.

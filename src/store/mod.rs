@@ -5,6 +5,7 @@
 //! decide what a record means: the grid decides that and replays records through the same
 //! domain functions.
 
+pub mod backup;
 pub mod codec;
 pub mod flush;
 pub mod log;

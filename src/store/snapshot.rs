@@ -109,6 +109,9 @@ pub struct Manifest {
     pub chunks: Vec<ChunkInfo>,
     /// Other sections.
     pub sections: Vec<SectionInfo>,
+    /// Per shard, the log position the snapshot is consistent at: every chunk plus the log
+    /// up to here (a backup copies exactly that).
+    pub cut: Vec<u64>,
 }
 
 impl Manifest {
@@ -173,9 +176,10 @@ impl SnapshotStore {
         })
     }
 
-    /// A new snapshot id.
+    /// A new snapshot id, above every stored one (restored snapshots keep their ids).
     pub fn next_id(&self) -> Result<u64, SnapshotError> {
-        Ok(self.db.generate_id()? + 1)
+        let newest = self.manifests()?.first().map(|m| m.id).unwrap_or(0);
+        Ok((self.db.generate_id()? + 1).max(newest + 1))
     }
 
     /// Stores one chunk's bytes; returns its info.
@@ -244,6 +248,54 @@ impl SnapshotStore {
         }
         out.sort_by_key(|m| std::cmp::Reverse(m.id));
         Ok(out)
+    }
+
+    /// The stored bytes of a chunk, checked against the manifest.
+    pub fn raw_chunk(&self, id: u64, info: &ChunkInfo) -> Result<Vec<u8>, SnapshotError> {
+        let bytes = self
+            .tree
+            .get(chunk_key(id, info.shard, info.index))?
+            .ok_or_else(|| SnapshotError::Damaged {
+                id,
+                what: format!("chunk {}/{} is missing", info.shard, info.index),
+            })?;
+        if crc32fast::hash(&bytes) != info.crc {
+            return Err(SnapshotError::Damaged {
+                id,
+                what: format!("chunk {}/{} fails its checksum", info.shard, info.index),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// The stored bytes of a section.
+    pub fn raw_section(&self, id: u64, info: &SectionInfo) -> Result<Vec<u8>, SnapshotError> {
+        let bytes = self
+            .tree
+            .get(key(id, &format!("x/{}", info.name)))?
+            .ok_or_else(|| SnapshotError::Damaged {
+                id,
+                what: format!("section {} is missing", info.name),
+            })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Writes a snapshot copied from a backup, then commits its manifest.
+    pub fn restore_raw(
+        &self,
+        manifest: &Manifest,
+        chunks: &[(u16, u32, Vec<u8>)],
+        sections: &[(String, Vec<u8>)],
+    ) -> Result<(), SnapshotError> {
+        for (shard, index, bytes) in chunks {
+            self.tree
+                .insert(chunk_key(manifest.id, *shard, *index), bytes.as_slice())?;
+        }
+        for (name, bytes) in sections {
+            self.tree
+                .insert(key(manifest.id, &format!("x/{name}")), bytes.as_slice())?;
+        }
+        self.commit(manifest)
     }
 
     /// Reads and checks one chunk.

@@ -65,10 +65,14 @@ impl Server {
     pub async fn start_in(dir: &Path, opts: Opts) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_user360"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env_remove("USER360_WRITE_KEYS")
-            .env_remove("USER360_ADMIN_TOKEN")
-            .env("USER360_LOG", "warn")
+            .arg(dir);
+        // The server reads every USER360_* variable as a setting: start from none.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("USER360_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("USER360_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if opts.manual_clock {
