@@ -20,7 +20,7 @@ pub async fn healthz() -> Response {
 
 /// `GET /readyz`: recovery has finished and traffic is accepted.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    app.ready()?;
+    app.ready()?.grid.healthy()?;
     Ok((
         StatusCode::OK,
         axum::Json(serde_json::json!({"status": "ready"})),

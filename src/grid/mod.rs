@@ -39,6 +39,8 @@ pub struct Grid {
     shards: Vec<Addr<Shard>>,
     /// Messages queued per shard (admission control).
     depths: Vec<Arc<AtomicUsize>>,
+    /// Per shard: its log could not be written (fail-stop until a restart).
+    failed: Vec<Arc<std::sync::atomic::AtomicBool>>,
     /// The Arbiters (threads) the shards run on; kept to stop them at shutdown.
     arbiters: parking_lot::Mutex<Vec<Arbiter>>,
     /// Identity index and routing.
@@ -118,9 +120,13 @@ impl Grid {
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))
             .collect();
+        let failed: Vec<Arc<std::sync::atomic::AtomicBool>> = (0..shard_count)
+            .map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)))
+            .collect();
         let opened = {
             let ctx = ctx.clone();
             let depths = depths.clone();
+            let failed = failed.clone();
             tokio::task::spawn_blocking(move || {
                 std::thread::scope(|s| {
                     let handles: Vec<_> = per_shard
@@ -129,7 +135,8 @@ impl Grid {
                         .map(|(i, chunks)| {
                             let ctx = ctx.clone();
                             let depth = depths[i].clone();
-                            s.spawn(move || Shard::open(i as u16, ctx, depth, chunks))
+                            let failed = failed[i].clone();
+                            s.spawn(move || Shard::open(i as u16, ctx, depth, failed, chunks))
                         })
                         .collect();
                     handles
@@ -153,6 +160,7 @@ impl Grid {
         let grid = Arc::new(Grid {
             shards,
             depths,
+            failed,
             arbiters: parking_lot::Mutex::new(arbiters),
             registry,
             reader: Arc::new(LogReader::new(&settings.data_dir)),
@@ -243,6 +251,7 @@ impl Grid {
     /// Admission: refuses `n` more messages when any shard's queue is full, before
     /// anything of the request is resolved or logged.
     pub fn admit(&self, n: usize) -> Result<(), Problem> {
+        self.healthy()?;
         let limit = self.settings.ingest.shard_queue_messages;
         for (i, d) in self.depths.iter().enumerate() {
             let depth = d.load(Ordering::Acquire);
@@ -256,6 +265,19 @@ impl Grid {
             }
         }
         Ok(())
+    }
+
+    /// 503 while any shard's log cannot be written.
+    pub fn healthy(&self) -> Result<(), Problem> {
+        match self.failed.iter().position(|f| f.load(Ordering::Acquire)) {
+            None => Ok(()),
+            Some(i) => Err(Problem::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "shard {i} cannot write its log (disk full or failing); nothing is accepted until the server is restarted on a writable disk"
+                ),
+            )),
+        }
     }
 
     /// Applies resolved messages: one actor message per shard, answers in item order.

@@ -66,6 +66,10 @@ pub struct Shard {
     log: ShardLog,
     /// Messages queued for this shard (raised by senders, lowered here) for admission.
     depth: Arc<AtomicUsize>,
+    /// Set when a log write or fsync failed: the shard then refuses every change (fail-stop)
+    /// until the server restarts and recovers from what is on disk, because memory may hold
+    /// changes the disk does not.
+    failed: Arc<std::sync::atomic::AtomicBool>,
     /// Trait budget per profile.
     limits: TraitLimits,
     /// Whether each step waits for the disk.
@@ -82,6 +86,7 @@ impl Shard {
         id: u16,
         ctx: Arc<ShardContext>,
         depth: Arc<AtomicUsize>,
+        failed: Arc<std::sync::atomic::AtomicBool>,
         snapshot: Vec<(ChunkInfo, ShardChunk)>,
     ) -> std::io::Result<Shard> {
         let mut profiles = BTreeMap::new();
@@ -154,6 +159,7 @@ impl Shard {
             system_log,
             log,
             depth,
+            failed,
         })
     }
 
@@ -253,22 +259,56 @@ impl Shard {
     /// fsync follows in the flusher's next round).
     fn commit_then(&mut self, answer: impl FnOnce(Result<(), Problem>) + Send + 'static) {
         if let Err(e) = self.log.write_pending() {
+            self.fail(&e);
             answer(Err(io_problem(e)));
             return;
         }
         let files = vec![self.log.current_file()];
+        let failed = self.failed.clone();
+        let shard = self.id;
+        let on_sync_error = move |e: &std::io::Error| {
+            if !failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(shard, error = %e, "log fsync failed; the shard refuses changes until a restart");
+            }
+        };
         if self.sync {
             self.ctx.flusher.submit(Ticket {
                 files,
-                done: Box::new(move |r| answer(r.map_err(io_problem))),
+                done: Box::new(move |r| {
+                    if let Err(e) = &r {
+                        on_sync_error(e);
+                    }
+                    answer(r.map_err(io_problem))
+                }),
             });
         } else {
             answer(Ok(()));
             self.ctx.flusher.submit(Ticket {
                 files,
-                done: Box::new(|_| {}),
+                done: Box::new(move |r| {
+                    if let Err(e) = &r {
+                        on_sync_error(e);
+                    }
+                }),
             });
         }
+    }
+
+    /// Enters the failed state after a log write error.
+    fn fail(&self, e: &std::io::Error) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(shard = self.id, error = %e, "log write failed; the shard refuses changes until a restart");
+        }
+    }
+
+    /// The error every change gets while the shard is failed.
+    fn refusal(&self) -> Option<Problem> {
+        self.failed.load(Ordering::Acquire).then(|| {
+            Problem::new(
+                ErrorCode::Unavailable,
+                format!("shard {} cannot write its log (disk full or failing); restart the server once the disk is writable", self.id),
+            )
+        })
     }
 
     fn undo_links(&self, r: &Resolution, existed: bool) {
@@ -528,6 +568,22 @@ impl Handler<ApplyBatch> for Shard {
 
     fn handle(&mut self, msg: ApplyBatch, _: &mut Self::Context) {
         let n = msg.items.len();
+        if let Some(p) = self.refusal() {
+            self.depth.fetch_sub(n, Ordering::AcqRel);
+            for item in &msg.items {
+                self.undo_links(
+                    &item.resolution,
+                    self.profiles.contains_key(&item.resolution.profile),
+                );
+            }
+            let _ = msg.reply.send(
+                msg.items
+                    .iter()
+                    .map(|i| (i.index, Err(p.clone())))
+                    .collect(),
+            );
+            return;
+        }
         let now = self.ctx.clock.now_ms();
         let mut out = Vec::with_capacity(n);
         for item in msg.items {
@@ -761,6 +817,14 @@ impl Handler<PatchTraits> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: PatchTraits, _: &mut Self::Context) {
+        if let Some(p) = self.refusal() {
+            self.undo_links(
+                &msg.resolution,
+                self.profiles.contains_key(&msg.resolution.profile),
+            );
+            let _ = msg.reply.send(Err(p));
+            return;
+        }
         let now = self.ctx.clock.now_ms();
         let r = msg.resolution;
         let pid = r.profile;
@@ -860,6 +924,10 @@ impl Handler<DeleteProfile> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: DeleteProfile, _: &mut Self::Context) {
+        if let Some(p) = self.refusal() {
+            let _ = msg.reply.send(Err(p));
+            return;
+        }
         let now = self.ctx.clock.now_ms();
         let pid = msg.profile;
         let Some(profile) = self.profiles.remove(&pid) else {

@@ -1,0 +1,133 @@
+//! A full disk: ingest answers 503 and acknowledges nothing it could not persist; after the
+//! disk has room again (here: the data dir copied to a roomy one), a restart recovers every
+//! acknowledged message.
+//!
+//! Needs a small tmpfs (`mount -t tmpfs`, root); where mounting is not allowed the test says
+//! so and returns.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Opts, Server};
+use serde_json::{Value, json};
+
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn full_disk_answers_503_and_loses_nothing_acknowledged() {
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipping: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(mnt.clone());
+    let dir = mnt.join("data");
+    let mut s = Server::start_in(&dir, Opts::default()).await;
+    let blob = "x".repeat(20_000);
+    let mut acked: Vec<String> = Vec::new();
+    let mut saw_503 = false;
+    for b in 0..400 {
+        let batch: Vec<Value> = (0..10)
+            .map(|i| json!({"type": "track", "userId": format!("u{}", i % 3), "event": "Fill", "properties": {"blob": blob}, "messageId": format!("f-{b}-{i}")}))
+            .collect();
+        let (st, v) = s.ingest("/v1/batch", &json!({"batch": batch})).await;
+        match st {
+            200 => {
+                assert_eq!(v["accepted"], 10, "{}", v["rejected"]);
+                acked.extend((0..10).map(|i| format!("f-{b}-{i}")));
+            }
+            503 => {
+                assert_eq!(v["code"], "unavailable", "{v}");
+                saw_503 = true;
+                break;
+            }
+            other => panic!("unexpected status {other}: {v}"),
+        }
+    }
+    assert!(saw_503, "a 6 MiB disk must fill up");
+    assert!(!acked.is_empty());
+    // Nothing more is accepted while the log cannot be written, and readiness says so.
+    let (st, _) = s
+        .ingest("/v1/track", &json!({"userId": "u9", "event": "After"}))
+        .await;
+    assert_eq!(st, 503);
+    let r = s
+        .http
+        .get(format!("{}/readyz", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        s.http
+            .get(format!("{}/healthz", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    s.kill9();
+    // The disk gets room: move the data dir to a roomy disk and restart.
+    let roomy = base.path().join("roomy");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(&dir)
+        .arg(&roomy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let s2 = Server::start_in(&roomy, Opts::default()).await;
+    let mut stored = std::collections::BTreeSet::new();
+    for u in 0..3 {
+        let mut cursor = String::new();
+        loop {
+            let (st, v) = s2
+                .get(&format!(
+                    "/v1/profiles/user_id:u{u}/events?type=track&limit=1000&cursor={cursor}"
+                ))
+                .await;
+            assert_eq!(st, 200);
+            for e in v["events"].as_array().unwrap() {
+                assert!(
+                    stored.insert(e["message_id"].as_str().unwrap().to_owned()),
+                    "stored twice: {}",
+                    e["message_id"]
+                );
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => break,
+            }
+        }
+    }
+    for m in &acked {
+        assert!(
+            stored.contains(m),
+            "acknowledged {m} is missing after recovery"
+        );
+    }
+    let (st, _) = s2
+        .ingest(
+            "/v1/track",
+            &json!({"userId": "u9", "event": "Works again"}),
+        )
+        .await;
+    assert_eq!(st, 200);
+}
