@@ -468,7 +468,11 @@ fn replay(
         LogRecord::Event(e) => {
             let pid = ProfileId(e.profile);
             if e.kind == EventKind::System && e.name == "user.deleted" {
-                system_log.push((pid, event_ref(&e, pos)));
+                // The snapshot's last chunk may already hold it (it is encoded after the
+                // chunk that covers this profile's id range).
+                if !system_log.iter().any(|(_, r)| r.seq() == e.seq) {
+                    system_log.push((pid, event_ref(&e, pos)));
+                }
                 return;
             }
             let profile = profiles.entry(pid).or_insert_with(|| {
