@@ -175,6 +175,7 @@ impl Grid {
         });
         grid.schedule_retention();
         grid.schedule_snapshots();
+        grid.watch_disk();
         Ok(grid)
     }
 
@@ -221,6 +222,45 @@ impl Grid {
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Every second of wall time, shards whose log failed try to recover (see
+    /// [`shard::Recover`]). A background task rather than a timer: it waits for the disk,
+    /// not for server time, so the manual test clock must not hold it back.
+    fn watch_disk(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let Some(grid) = weak.upgrade() else { return };
+                let failed: Vec<u16> = (0..grid.failed.len() as u16)
+                    .filter(|i| grid.failed[*i as usize].load(Ordering::Acquire))
+                    .collect();
+                if failed.is_empty() {
+                    continue;
+                }
+                let store = grid.snapshots.clone();
+                let n = grid.shard_count() as u16;
+                let loaded = tokio::task::spawn_blocking(move || snapshot::load_newest(&store, n))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten();
+                let mut per_shard = loaded.map(|l| l.shards).unwrap_or_default();
+                for i in failed {
+                    let chunks = per_shard
+                        .get_mut(i as usize)
+                        .map(std::mem::take)
+                        .unwrap_or_default();
+                    let (tx, rx) = oneshot::channel();
+                    grid.shards[i as usize].do_send(shard::Recover {
+                        snapshot: chunks,
+                        reply: tx,
+                    });
+                    let _ = rx.await;
+                }
+            }
+        });
     }
 
     /// Runs the retention sweep every hour of server time.

@@ -407,6 +407,13 @@ impl Registry {
         }
     }
 
+    /// Forgets every profile of one shard and the identities pointing at them (before that
+    /// shard reloads itself from disk after a write failure).
+    pub fn remove_shard(&self, shard: u16) {
+        self.owners.retain(|pid, _| pid.shard() != shard);
+        self.index.retain(|_, pid| pid.shard() != shard);
+    }
+
     /// Forgets a profile and every identity it holds (erasure).
     pub fn remove_profile(&self, pid: ProfileId, identities: &[Identity]) {
         let owner = self.owners.remove(&pid);

@@ -70,6 +70,9 @@ pub struct Shard {
     /// until the server restarts and recovers from what is on disk, because memory may hold
     /// changes the disk does not.
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when an `fsync` (not just a write) failed: the current segment's file is then
+    /// rewritten before the shard recovers, since the OS may have dropped its dirty pages.
+    sync_failed: Arc<std::sync::atomic::AtomicBool>,
     /// Trait budget per profile.
     limits: TraitLimits,
     /// Whether each step waits for the disk.
@@ -160,6 +163,7 @@ impl Shard {
             log,
             depth,
             failed,
+            sync_failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -265,8 +269,10 @@ impl Shard {
         }
         let files = vec![self.log.current_file()];
         let failed = self.failed.clone();
+        let sync_failed = self.sync_failed.clone();
         let shard = self.id;
         let on_sync_error = move |e: &std::io::Error| {
+            sync_failed.store(true, Ordering::Release);
             if !failed.swap(true, Ordering::AcqRel) {
                 tracing::error!(shard, error = %e, "log fsync failed; the shard refuses changes until a restart");
             }
@@ -1006,6 +1012,62 @@ impl Handler<SweepRetention> for Shard {
         self.system_log
             .retain(|(_, e)| e.received_s >= min_received);
         let _ = msg.reply.send(dropped);
+    }
+}
+
+/// After a log failure: if the disk takes writes again, rewrites the current segment into
+/// a fresh file and rebuilds the shard from disk (the newest snapshot plus the log), so
+/// memory holds exactly what is durable; then accepts changes again.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct Recover {
+    /// This shard's chunks of the newest snapshot.
+    pub snapshot: Vec<(ChunkInfo, ShardChunk)>,
+    /// Whether the shard is healthy afterwards.
+    pub reply: oneshot::Sender<bool>,
+}
+
+impl Handler<Recover> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Recover, _: &mut Self::Context) {
+        if !self.failed.load(Ordering::Acquire) {
+            let _ = msg.reply.send(true);
+            return;
+        }
+        let ready = if self.sync_failed.load(Ordering::Acquire) {
+            self.log.rewrite_current()
+        } else {
+            self.log.probe_writable()
+        };
+        if let Err(e) = ready {
+            tracing::warn!(shard = self.id, error = %e, "the disk still refuses writes");
+            let _ = msg.reply.send(false);
+            return;
+        }
+        self.ctx.registry.remove_shard(self.id);
+        match Shard::open(
+            self.id,
+            self.ctx.clone(),
+            self.depth.clone(),
+            self.failed.clone(),
+            msg.snapshot,
+        ) {
+            Ok(fresh) => {
+                *self = fresh;
+                self.failed.store(false, Ordering::Release);
+                tracing::info!(
+                    shard = self.id,
+                    profiles = self.profiles.len(),
+                    "shard recovered from disk after a write failure"
+                );
+                let _ = msg.reply.send(true);
+            }
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot reload the shard from disk");
+                let _ = msg.reply.send(false);
+            }
+        }
     }
 }
 

@@ -271,6 +271,7 @@ impl ShardLog {
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(true)
                 .open(segment_path(&dir, segment))?,
         );
         sync_dir(&dir)?;
@@ -319,6 +320,44 @@ impl ShardLog {
         Ok(())
     }
 
+    /// After a failed write or `fsync`, never trusts the current file again: copies what it
+    /// holds (what this process wrote, as the OS still has it) into a new file, syncs that,
+    /// and puts it in place under the same name, so positions stay valid.
+    pub fn rewrite_current(&mut self) -> io::Result<()> {
+        self.pending.clear();
+        let path = segment_path(&self.dir, self.segment);
+        let tmp = path.with_extension("log.rewrite");
+        let result = (|| {
+            let mut bytes = vec![0u8; self.written as usize];
+            self.file.read_exact_at(&mut bytes, 0)?;
+            let mut out = File::create(&tmp)?;
+            out.write_all(&bytes)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(&self.dir)?;
+            self.file = Arc::new(OpenOptions::new().append(true).read(true).open(&path)?);
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Checks that the shard's directory takes and syncs a write again (after a failed
+    /// write such as a full disk, where the file itself was left intact).
+    pub fn probe_writable(&mut self) -> io::Result<()> {
+        self.pending.clear();
+        let probe = self.dir.join("probe.tmp");
+        let result = (|| {
+            let mut f = File::create(&probe)?;
+            f.write_all(&[0u8; 64 * 1024])?;
+            f.sync_all()
+        })();
+        let _ = std::fs::remove_file(&probe);
+        result
+    }
+
     /// The segment file being appended to, for a group-commit `fsync`.
     pub fn current_file(&self) -> Arc<File> {
         self.file.clone()
@@ -351,6 +390,7 @@ impl ShardLog {
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(true)
                 .open(segment_path(&self.dir, self.segment))?,
         );
         sync_dir(&self.dir)?;
