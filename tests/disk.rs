@@ -141,8 +141,30 @@ async fn full_disk_answers_503_and_loses_nothing_acknowledged() {
     let (st, _) = s2
         .ingest(
             "/v1/track",
-            &json!({"userId": "u9", "event": "Works again"}),
+            &json!({"userId": "u9", "event": "Works again", "messageId": "again"}),
         )
         .await;
     assert_eq!(st, 200);
+    // A restart agrees with what the running server showed.
+    let total = stored.len();
+    s.terminate();
+    let s3 = Server::start_in(&dir, Opts::default()).await;
+    let mut after = 0;
+    for u in 0..3 {
+        let mut cursor = String::new();
+        loop {
+            let (_, v) = s3
+                .get(&format!(
+                    "/v1/profiles/user_id:u{u}/events?type=track&limit=1000&cursor={cursor}"
+                ))
+                .await;
+            after += v["events"].as_array().unwrap().len();
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(after, total);
+    assert_eq!(s3.events("user_id:u9", "type=track").await.len(), 1);
 }
