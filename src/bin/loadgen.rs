@@ -1,0 +1,242 @@
+//! `loadgen`: a realistic ingest workload over HTTP, measured against a baseline in the
+//! same run.
+//!
+//! A Zipf-distributed user population, a mix of identify / track / page messages of
+//! 0.5–1 KB, N keep-alive connections, batches or single messages, for a fixed time. It
+//! prints events/s, request latency percentiles (HDR histogram) and errors by status.
+//! `--baseline` first runs the same workload against an in-process no-op server that only
+//! parses the JSON (the HTTP + JSON ceiling of this machine) and reports the ratio.
+//!
+//! ```sh
+//! cargo run --release --bin loadgen -- --url http://127.0.0.1:8080 --write-key KEY --baseline
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Zipf};
+use serde_json::{Value, json};
+
+/// Load generator for User360's ingest API.
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Write key (HTTP Basic username).
+    #[arg(long, env = "U360_WRITE_KEY", default_value = "")]
+    write_key: String,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Messages per request (1 sends to /v1/track etc., more to /v1/batch).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Size of the user population (Zipf-distributed activity).
+    #[arg(long, default_value_t = 100_000)]
+    users: u64,
+    /// Share of messages that are identify calls of an anonymous user turning known.
+    #[arg(long, default_value_t = 0.05)]
+    transitions: f64,
+    /// First measure an in-process no-op server that only parses JSON.
+    #[arg(long)]
+    baseline: bool,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// What one run measured.
+struct Report {
+    events: u64,
+    seconds: f64,
+    latency: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Report {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+
+    fn print(&self, label: &str) {
+        let q = |p: f64| self.latency.value_at_quantile(p) as f64 / 1000.0;
+        println!(
+            "{label}: {:.0} events/s ({} events in {:.1} s); request latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2}; errors {:?}",
+            self.rate(),
+            self.events,
+            self.seconds,
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            self.errors
+        );
+    }
+}
+
+fn message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) -> Value {
+    let user = zipf.sample(rng) as u64;
+    let uid = format!("user-{user:08}");
+    let anon = format!("anon-{user:08}");
+    let mid = format!("lg-{n}-{}", rng.random::<u64>());
+    let roll: f64 = rng.random();
+    let pad = "lorem ipsum dolor sit amet ".repeat(rng.random_range(4..16));
+    let plan = ["free", "pro", "enterprise"][user as usize % 3];
+    let event = ["Product Viewed", "Order Completed", "Export Used"][user as usize % 3];
+    if roll < transitions {
+        json!({"type": "identify", "anonymousId": anon, "userId": uid, "messageId": mid,
+               "traits": {"email": format!("{uid}@example.com"), "plan": plan,
+                          "name": format!("User {user}"), "logins": rng.random_range(0..100), "bio": pad},
+               "context": {"library": {"name": "loadgen", "version": "1"}, "ip": "203.0.113.7"}})
+    } else if roll < 0.8 {
+        json!({"type": "track", "userId": uid, "event": event,
+               "messageId": mid, "properties": {"product_id": format!("P-{}", rng.random_range(0..500)), "price": 19.99,
+               "quantity": rng.random_range(1..5), "note": pad},
+               "context": {"library": {"name": "loadgen", "version": "1"}, "userAgent": "Mozilla/5.0 (X11; Linux x86_64)"}})
+    } else {
+        json!({"type": "page", "anonymousId": anon, "name": "Pricing", "category": "Docs", "messageId": mid,
+               "properties": {"url": "https://example.com/pricing", "referrer": "https://example.com/", "note": pad}})
+    }
+}
+
+async fn run(args: &Args, url: &str, key: &str) -> anyhow::Result<Report> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let events = Arc::new(AtomicU64::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let client = client.clone();
+        let args = args.clone();
+        let url = url.to_owned();
+        let key = key.to_owned();
+        let events = events.clone();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ (c as u64) << 32);
+            let zipf = Zipf::new(args.users as f64, 1.1).expect("valid zipf");
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(args.batch as u64, Ordering::Relaxed);
+                let (path, body) = if args.batch <= 1 {
+                    let m = message(&mut rng, &zipf, args.transitions, n);
+                    (format!("/v1/{}", m["type"].as_str().unwrap_or("track")), m)
+                } else {
+                    let batch: Vec<Value> = (0..args.batch)
+                        .map(|i| message(&mut rng, &zipf, args.transitions, n + i as u64))
+                        .collect();
+                    ("/v1/batch".to_owned(), json!({"batch": batch}))
+                };
+                let bytes = serde_json::to_vec(&body).expect("json");
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{url}{path}"))
+                    .basic_auth(&key, Some(""))
+                    .header("content-type", "application/json")
+                    .body(bytes)
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) if resp.status() == 200 => {
+                        let _ = resp.bytes().await;
+                        hist.saturating_record(t.elapsed().as_micros() as u64);
+                        events.fetch_add(args.batch.max(1) as u64, Ordering::Relaxed);
+                    }
+                    Ok(resp) => {
+                        *errors
+                            .entry(resp.status().as_u16().to_string())
+                            .or_default() += 1;
+                        if resp.status() == 429 || resp.status() == 503 {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    Err(e) => {
+                        *errors
+                            .entry(if e.is_connect() { "connect" } else { "network" }.to_owned())
+                            .or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (hist, errors)
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = BTreeMap::new();
+    for t in tasks {
+        let (h, e) = t.await?;
+        latency.add(h)?;
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    Ok(Report {
+        events: events.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        latency,
+        errors,
+    })
+}
+
+/// The no-op server: parses each body as JSON and answers like User360 would.
+async fn baseline_server() -> anyhow::Result<String> {
+    use axum::routing::post;
+    async fn noop(body: axum::body::Bytes) -> axum::Json<Value> {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let n = v["batch"].as_array().map(|b| b.len()).unwrap_or(1);
+        axum::Json(json!({"success": true, "accepted": n, "duplicates": 0, "rejected": []}))
+    }
+    let app = axum::Router::new()
+        .route("/v1/{kind}", post(noop))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "loadgen: {} connections, {} s, {} messages per request, {} users (zipf 1.1), {:.0}% anonymous-to-known",
+        args.connections,
+        args.seconds,
+        args.batch,
+        args.users,
+        args.transitions * 100.0
+    );
+    let base = if args.baseline {
+        let url = baseline_server().await?;
+        let r = run(&args, &url, "baseline").await?;
+        r.print("baseline (no-op parse-and-discard server)");
+        Some(r)
+    } else {
+        None
+    };
+    let r = run(&args, args.url.trim_end_matches('/'), &args.write_key)
+        .await
+        .context("load run failed")?;
+    r.print("user360");
+    if let Some(b) = base {
+        println!("ratio user360 / baseline: {:.2}", r.rate() / b.rate());
+    }
+    Ok(())
+}
