@@ -23,7 +23,7 @@ use crate::store::snapshot::{
 };
 
 /// Profiles per chunk: small enough that encoding one holds a shard for a few ms.
-const CHUNK_PROFILES: usize = 2048;
+const CHUNK_PROFILES: usize = 4096;
 
 /// How many committed snapshots are kept.
 const KEEP: usize = 2;
@@ -210,59 +210,107 @@ fn load(store: &SnapshotStore, manifest: &Manifest, shards: u16) -> Result<Loade
     })
 }
 
+/// One shard's part of a snapshot.
+struct ShardPart {
+    chunks: Vec<ChunkInfo>,
+    min_covers: u64,
+    cut: u64,
+    store_time: std::time::Duration,
+}
+
+fn ask_chunk(
+    grid: &Grid,
+    shard: u16,
+    after: Option<ProfileId>,
+) -> oneshot::Receiver<std::io::Result<super::shard::EncodedChunk>> {
+    let (tx, rx) = oneshot::channel();
+    grid.shard(shard).do_send(EncodeChunk {
+        after,
+        max: CHUNK_PROFILES,
+        reply: tx,
+    });
+    rx
+}
+
+async fn snapshot_shard(
+    grid: &Arc<Grid>,
+    store: &SnapshotStore,
+    id: u64,
+    shard: u16,
+) -> Result<ShardPart, SnapshotError> {
+    let mut part = ShardPart {
+        chunks: Vec::new(),
+        min_covers: u64::MAX,
+        cut: 0,
+        store_time: std::time::Duration::ZERO,
+    };
+    let mut after: Option<ProfileId> = None;
+    let mut index = 0u32;
+    let mut pending = ask_chunk(grid, shard, None);
+    loop {
+        let (chunk, last, covers, done) = pending
+            .await
+            .map_err(|_| SnapshotError::Damaged {
+                id,
+                what: "a shard stopped during the snapshot".into(),
+            })?
+            .map_err(|e| SnapshotError::Damaged {
+                id,
+                what: format!("cannot flush shard {shard}'s log: {e}"),
+            })?;
+        if !done {
+            pending = ask_chunk(grid, shard, last);
+        } else {
+            pending = oneshot::channel().1;
+        }
+        part.min_covers = part.min_covers.min(covers);
+        let info = ChunkInfo {
+            shard,
+            index,
+            after: after.map(|p| p.0),
+            through: if done { None } else { last.map(|p| p.0) },
+            covers,
+            profiles: chunk.profiles.len() as u32,
+            crc: 0,
+            bytes: 0,
+        };
+        let store2 = store.clone();
+        let asked = std::time::Instant::now();
+        let info = tokio::task::spawn_blocking(move || store2.put_chunk(id, info, &chunk))
+            .await
+            .expect("snapshot chunk task")?;
+        part.store_time += asked.elapsed();
+        part.chunks.push(info);
+        if done {
+            part.cut = covers;
+            return Ok(part);
+        }
+        after = last;
+        index += 1;
+    }
+}
+
 /// Takes a snapshot of every shard, commits it, prunes old ones and deletes log segments
 /// it made unnecessary.
 pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, SnapshotError> {
     let started = std::time::Instant::now();
     let id = store.next_id()?;
+    // Shards are copied in parallel; within a shard, the next slice is being encoded while
+    // the previous one is stored.
+    let per_shard = futures_util::future::join_all(
+        (0..grid.shard_count() as u16).map(|shard| snapshot_shard(grid, store, id, shard)),
+    )
+    .await;
     let mut chunks = Vec::new();
     let mut covers_by_shard = Vec::new();
     let mut cut = Vec::new();
-    for shard in 0..grid.shard_count() as u16 {
-        let mut after: Option<ProfileId> = None;
-        let mut index = 0u32;
-        let mut min_covers = u64::MAX;
-        loop {
-            let (tx, rx) = oneshot::channel();
-            grid.shard(shard).do_send(EncodeChunk {
-                after,
-                max: CHUNK_PROFILES,
-                reply: tx,
-            });
-            let (chunk, last, covers, done) = rx
-                .await
-                .map_err(|_| SnapshotError::Damaged {
-                    id,
-                    what: "a shard stopped during the snapshot".into(),
-                })?
-                .map_err(|e| SnapshotError::Damaged {
-                    id,
-                    what: format!("cannot flush shard {shard}'s log: {e}"),
-                })?;
-            min_covers = min_covers.min(covers);
-            let info = ChunkInfo {
-                shard,
-                index,
-                after: after.map(|p| p.0),
-                through: if done { None } else { last.map(|p| p.0) },
-                covers,
-                profiles: chunk.profiles.len() as u32,
-                crc: 0,
-                bytes: 0,
-            };
-            let store2 = store.clone();
-            let info = tokio::task::spawn_blocking(move || store2.put_chunk(id, info, &chunk))
-                .await
-                .expect("snapshot chunk task")?;
-            chunks.push(info);
-            if done {
-                cut.push(covers);
-                break;
-            }
-            after = last;
-            index += 1;
-        }
-        covers_by_shard.push(min_covers);
+    let mut store_time = std::time::Duration::ZERO;
+    for r in per_shard {
+        let s = r?;
+        chunks.extend(s.chunks);
+        covers_by_shard.push(s.min_covers);
+        cut.push(s.cut);
+        store_time += s.store_time;
     }
     let dedup = DedupSection {
         ids: grid.dedup.export(grid.clock.now_ms()),
@@ -315,6 +363,7 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
         bytes = manifest.bytes(),
         segments_deleted = deleted,
         ms = (secs * 1000.0) as u64,
+        store_ms = store_time.as_millis() as u64,
         "snapshot taken"
     );
     Ok(manifest)

@@ -177,9 +177,20 @@ impl SnapshotStore {
     }
 
     /// A new snapshot id, above every stored one (restored snapshots keep their ids).
+    /// Callers take snapshots one at a time.
     pub fn next_id(&self) -> Result<u64, SnapshotError> {
         let newest = self.manifests()?.first().map(|m| m.id).unwrap_or(0);
-        Ok((self.db.generate_id()? + 1).max(newest + 1))
+        let mut highest = newest;
+        for k in self.tree.scan_prefix("s/").keys() {
+            let k = k?;
+            if let Some(id) = std::str::from_utf8(&k[2..22.min(k.len())])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                highest = highest.max(id);
+            }
+        }
+        Ok(highest + 1)
     }
 
     /// Stores one chunk's bytes; returns its info.
