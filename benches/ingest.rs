@@ -115,5 +115,80 @@ fn codec_and_registry(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parsing, codec_and_registry);
+fn rules_apply_and_wal(c: &mut Criterion) {
+    use user360::domain::ids::ProfileId;
+    use user360::domain::profile::{Profile, TraitLimits, TraitTime};
+    use user360::segment::cond::parse_conditions;
+    use user360::store::log::ShardLog;
+
+    // Rule evaluation: three property conditions over a typical event's properties.
+    let conds = parse_conditions(
+        &json!([
+            {"property": "price", "op": "gte", "value": 10},
+            {"property": "currency", "op": "in", "value": ["USD", "EUR"]},
+            {"property": "tags", "op": "contains", "value": "b"}
+        ]),
+        "where",
+    )
+    .unwrap();
+    let props = json!({"price": 19.99, "currency": "USD", "tags": ["a", "b"], "sku": "S-1"});
+    let mut g = c.benchmark_group("rules");
+    g.bench_function("three_property_conditions", |b| {
+        b.iter(|| black_box(conds.iter().all(|c| c.matches(Some(black_box(&props)), 0))))
+    });
+    g.finish();
+
+    // Shard apply, domain part: plan + commit five traits and index one event.
+    let limits = TraitLimits {
+        max_keys: 1000,
+        max_bytes: 256 * 1024,
+        same_time_ms: 1000,
+    };
+    let traits: serde_json::Map<String, serde_json::Value> = serde_json::from_value(
+        json!({"plan": "pro", "seats": 5, "country": "IN", "name": "Ana", "email": "ana@example.com"}),
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("shard_apply");
+    let mut t = 0i64;
+    let mut p = Profile::new(ProfileId::new(1, 0, 1), 1);
+    g.bench_function("identify_five_traits", |b| {
+        b.iter(|| {
+            t += 1;
+            let plan = p.plan_traits(&traits, TraitTime::Event(t), limits).unwrap();
+            black_box(p.commit_traits(plan, t))
+        })
+    });
+    g.finish();
+
+    // WAL: append records and flush (write + fsync) by batch size.
+    let rec = LogRecord::Event(EventRecord {
+        seq: 1,
+        profile: 7,
+        ts_ms: 1,
+        received_ms: 1,
+        kind: user360::domain::event::EventKind::Track,
+        name: "Product Viewed".into(),
+        created: false,
+        dedup_hash: 1,
+        linked: vec![],
+        json: "x".repeat(600),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = ShardLog::open(dir.path(), 0, 1 << 30, 0, |_, _| {}).unwrap();
+    let mut g = c.benchmark_group("wal_append_flush");
+    for batch in [1usize, 10, 100, 1000] {
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("batch_{batch}_fsync"), |b| {
+            b.iter(|| {
+                for _ in 0..batch {
+                    log.append(&rec).unwrap();
+                }
+                log.flush(true).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, parsing, codec_and_registry, rules_apply_and_wal);
 criterion_main!(benches);

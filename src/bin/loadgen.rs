@@ -54,6 +54,9 @@ struct Args {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// CI smoke: fail (exit 1) unless every request succeeded and events arrived.
+    #[arg(long)]
+    smoke: bool,
 }
 
 /// What one run measured.
@@ -237,6 +240,21 @@ async fn main() -> anyhow::Result<()> {
     r.print("user360");
     if let Some(b) = base {
         println!("ratio user360 / baseline: {:.2}", r.rate() / b.rate());
+    }
+    if args.smoke {
+        let failed = r.errors.values().sum::<u64>();
+        println!(
+            "loadgen-smoke: {} passed, {} failed",
+            u64::from(r.events > 0),
+            failed + u64::from(r.events == 0)
+        );
+        if failed > 0 || r.events == 0 {
+            anyhow::bail!(
+                "load smoke failed: {} events, errors {:?}",
+                r.events,
+                r.errors
+            );
+        }
     }
     Ok(())
 }

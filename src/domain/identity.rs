@@ -42,6 +42,17 @@ impl IdType {
     pub fn name(self) -> std::sync::Arc<str> {
         type_names().name(self.0)
     }
+
+    /// The name of a built-in type without touching the interner (hot path).
+    pub fn builtin_name(self) -> Option<&'static str> {
+        match self {
+            IdType::USER_ID => Some("user_id"),
+            IdType::ANONYMOUS_ID => Some("anonymous_id"),
+            IdType::EMAIL => Some("email"),
+            IdType::PHONE => Some("phone"),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for IdType {
@@ -72,19 +83,23 @@ pub struct Identity {
 
 impl Identity {
     /// A 128-bit fingerprint of `(type, value)`: the identity index stores these instead of
-    /// strings, which keeps the index near 40 bytes per identity.
+    /// strings, which keeps the index near 40 bytes per identity. Stable across processes
+    /// (suppressed identities are persisted by fingerprint).
     pub fn hash(&self) -> u128 {
-        identity_hash(&self.ty.name(), &self.value)
+        match self.ty.builtin_name() {
+            Some(name) => identity_hash(name, &self.value),
+            None => identity_hash(&self.ty.name(), &self.value),
+        }
     }
 }
 
-/// The index fingerprint of a type name and a normalised value.
+/// The index fingerprint of a type name and a normalised value (no allocation).
 pub fn identity_hash(ty: &str, value: &str) -> u128 {
-    let mut buf = Vec::with_capacity(ty.len() + value.len() + 1);
-    buf.extend_from_slice(ty.as_bytes());
-    buf.push(0);
-    buf.extend_from_slice(value.as_bytes());
-    xxhash_rust::xxh3::xxh3_128(&buf)
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(ty.as_bytes());
+    h.update(&[0]);
+    h.update(value.as_bytes());
+    h.digest128()
 }
 
 /// A profile key of the API: `id:<profile id>` or `{type}:{value}`.
@@ -323,6 +338,22 @@ mod tests {
         );
         assert_eq!(normalize(IdType::USER_ID, "   "), None);
         assert_eq!(normalize(IdType::USER_ID, " u1").as_deref(), Some(" u1"));
+    }
+
+    #[test]
+    fn fingerprint_is_the_one_shot_hash_of_type_nul_value() {
+        let one_shot = xxhash_rust::xxh3::xxh3_128(b"email\0ana@x.com");
+        assert_eq!(identity_hash("email", "ana@x.com"), one_shot);
+        let id = Identity {
+            ty: IdType::EMAIL,
+            value: "ana@x.com".into(),
+        };
+        assert_eq!(id.hash(), one_shot);
+        let custom = Identity {
+            ty: IdType::named("crm"),
+            value: "1".into(),
+        };
+        assert_eq!(custom.hash(), xxhash_rust::xxh3::xxh3_128(b"crm\x001"));
     }
 
     #[test]
