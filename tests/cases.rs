@@ -24,12 +24,12 @@ use time::{OffsetDateTime, UtcOffset};
 
 /// Cases with at least one test that runs today.
 const COVERED: &[&str] = &[
-    "BC-01", "BC-02", "BC-06", "BC-07", "BC-08", "BC-09", "BC-10", "BC-11", "BC-12", "BC-13",
-    "BC-15", "BC-17", "BC-18", "BC-20", "BC-25",
+    "BC-01", "BC-02", "BC-03", "BC-04", "BC-06", "BC-07", "BC-08", "BC-09", "BC-10", "BC-11",
+    "BC-12", "BC-13", "BC-15", "BC-17", "BC-18", "BC-20", "BC-25",
 ];
 
 /// Cases whose tests are all ignored until a pending feature lands.
-const PENDING: &[&str] = &["BC-03", "BC-04", "BC-21", "BC-22", "BC-24"];
+const PENDING: &[&str] = &["BC-21", "BC-22", "BC-24"];
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -888,14 +888,13 @@ async fn bc03(with_query: bool) {
 }
 
 #[tokio::test]
-#[ignore = "pending: profile merges (issue 5), /v1/profiles/query (issue 6)"]
+#[ignore = "pending: /v1/profiles/query (issue 6)"]
 async fn bc_03_events_after_alias_land_on_the_merged_profile() {
     bc03(true).await;
 }
 
 /// BC-03 less step 10 (the segment query): runs once merges exist.
 #[tokio::test]
-#[ignore = "pending: profile merges (issue 5)"]
 async fn bc_03_events_after_alias_land_on_the_merged_profile_without_query() {
     bc03(false).await;
 }
@@ -1027,14 +1026,13 @@ async fn bc04(with_export: bool) {
 }
 
 #[tokio::test]
-#[ignore = "pending: profile merges (issue 5), export (issue 8)"]
+#[ignore = "pending: export (issue 8)"]
 async fn bc_04_chained_aliases_leave_no_orphan_profiles() {
     bc04(true).await;
 }
 
 /// BC-04 with step 9's export replaced by listing every profile: runs once merges exist.
 #[tokio::test]
-#[ignore = "pending: profile merges (issue 5)"]
 async fn bc_04_chained_aliases_leave_no_orphan_profiles_without_export() {
     bc04(false).await;
 }

@@ -89,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/profiles/{key}/events", get(events::profile_events))
         .route("/v1/profiles/{key}/segments", get(profiles::segments))
+        .route("/v1/profiles/{key}/merges", get(profiles::merges))
         .route("/v1/events", get(events::global_events))
         .route(
             "/v1/admin/clock",

@@ -67,6 +67,22 @@ pub async fn segments(
     Ok(Json(serde_json::json!({"segments": []})).into_response())
 }
 
+/// `GET /v1/profiles/{key}/merges`
+pub async fn merges(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let svc = app.admin(&headers)?;
+    let pk = ProfileKey::parse(&key)?;
+    let id = svc.grid.find(&pk).ok_or_else(|| no_profile(&key))?;
+    let notes = svc.grid.merges(id).await.ok_or_else(|| no_profile(&key))?;
+    Ok(raw_json(
+        StatusCode::OK,
+        format!("{{\"merges\":[{}],\"next_cursor\":null}}", notes.join(",")),
+    ))
+}
+
 /// `GET /v1/profiles?limit=&cursor=`
 pub async fn list(
     State(app): State<Arc<AppState>>,

@@ -116,6 +116,8 @@ pub struct Profile {
     pub events: Vec<EventRef>,
     /// Ids absorbed into this one.
     pub merged_from: Vec<ProfileId>,
+    /// Merges into this profile, as the JSON objects `GET …/merges` lists (rare, so boxed).
+    pub merge_notes: Option<Box<Vec<Box<str>>>>,
 }
 
 /// Size a slot adds to the JSON object: `"key":value,`.
@@ -124,11 +126,17 @@ fn slot_bytes(key: &str, v: &Value) -> usize {
 }
 
 impl Profile {
-    /// A new, empty profile.
+    /// A new, empty profile. Its creation time is the one in its id, so "the older
+    /// profile" by `created_at` and by id agree.
     pub fn new(id: ProfileId, now: i64) -> Profile {
+        let created_at = if id.created_ms() > 0 {
+            id.created_ms()
+        } else {
+            now
+        };
         Profile {
             id,
-            created_at: now,
+            created_at,
             updated_at: now,
             first_seen: i64::MAX,
             last_seen: i64::MIN,
@@ -138,7 +146,51 @@ impl Profile {
             trait_bytes: 2,
             events: Vec::new(),
             merged_from: Vec::new(),
+            merge_notes: None,
         }
+    }
+
+    /// Takes in a profile merged into this one: events combined in time order, traits
+    /// newest-wins by key time (ties keep this profile's), identities united, times
+    /// widened, and the absorbed id (and everything it had absorbed) in `merged_from`.
+    pub fn absorb(&mut self, other: Profile, now: i64) {
+        for h in other.identities {
+            self.add_identity(h.identity, h.first_seen);
+        }
+        let mut traits = std::mem::take(&mut self.traits);
+        for slot in other.traits {
+            match traits.binary_search_by_key(&slot.key, |t| t.key) {
+                Ok(i) => {
+                    if slot.time > traits[i].time {
+                        traits[i] = slot;
+                    }
+                }
+                Err(i) => traits.insert(i, slot),
+            }
+        }
+        self.set_traits(traits);
+        let mut events = std::mem::take(&mut self.events);
+        events.extend(other.events);
+        events.sort_by_key(|e| e.key());
+        self.events = events;
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        self.created_at = self.created_at.min(other.created_at);
+        self.updated_at = now;
+        self.merged_from.push(other.id);
+        self.merged_from.extend(other.merged_from);
+        if let Some(notes) = other.merge_notes {
+            self.merge_notes
+                .get_or_insert_with(Default::default)
+                .extend(*notes);
+        }
+    }
+
+    /// Records how a merge into this profile happened.
+    pub fn add_merge_note(&mut self, note: String) {
+        self.merge_notes
+            .get_or_insert_with(Default::default)
+            .push(note.into_boxed_str());
     }
 
     /// Adds an identity unless it is already held.

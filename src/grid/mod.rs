@@ -322,31 +322,107 @@ impl Grid {
 
     /// Applies resolved messages: one actor message per shard, answers in item order.
     pub async fn apply(&self, items: Vec<ApplyItem>) -> Vec<(usize, Result<(), Problem>)> {
-        let mut by_shard: Vec<Vec<ApplyItem>> =
-            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        let mut out = Vec::with_capacity(items.len());
+        // Merges first: the absorbed profiles' data reaches the survivor before the message
+        // that caused the merge is applied there.
+        let mut ready = Vec::with_capacity(items.len());
         for item in items {
-            by_shard[item.resolution.profile.shard() as usize].push(item);
-        }
-        let mut waits = Vec::new();
-        for (i, items) in by_shard.into_iter().enumerate() {
-            if items.is_empty() {
+            if item.resolution.merged.is_empty() {
+                ready.push(item);
                 continue;
             }
-            let (tx, rx) = oneshot::channel();
-            let indexes: Vec<usize> = items.iter().map(|it| it.index).collect();
-            self.depths[i].fetch_add(items.len(), Ordering::AcqRel);
-            self.shards[i].do_send(ApplyBatch { items, reply: tx });
-            waits.push((indexes, rx));
-        }
-        let mut out = Vec::new();
-        for (indexes, rx) in waits {
-            match rx.await {
-                Ok(results) => out.extend(results),
-                Err(_) => out.extend(indexes.into_iter().map(|i| (i, Err(gone())))),
+            match self.merge(&item).await {
+                Ok(()) => ready.push(item),
+                Err(p) => out.push((item.index, Err(p))),
             }
         }
+        let mut pending = ready;
+        // Items for profiles merged away meanwhile come back re-targeted; a few rounds at most.
+        for _ in 0..8 {
+            if pending.is_empty() {
+                break;
+            }
+            let mut by_shard: Vec<Vec<ApplyItem>> =
+                (0..self.shards.len()).map(|_| Vec::new()).collect();
+            for item in pending.drain(..) {
+                by_shard[item.resolution.profile.shard() as usize].push(item);
+            }
+            let mut waits = Vec::new();
+            for (i, items) in by_shard.into_iter().enumerate() {
+                if items.is_empty() {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                let indexes: Vec<usize> = items.iter().map(|it| it.index).collect();
+                self.depths[i].fetch_add(items.len(), Ordering::AcqRel);
+                self.shards[i].do_send(ApplyBatch { items, reply: tx });
+                waits.push((indexes, rx));
+            }
+            for (indexes, rx) in waits {
+                match rx.await {
+                    Ok(outcome) => {
+                        out.extend(outcome.done);
+                        pending.extend(outcome.moved);
+                    }
+                    Err(_) => out.extend(indexes.into_iter().map(|i| (i, Err(gone())))),
+                }
+            }
+        }
+        out.extend(pending.into_iter().map(|i| (i.index, Err(gone()))));
         out.sort_by_key(|(i, _)| *i);
         out
+    }
+
+    /// Moves each absorbed profile of a resolution into its survivor (cross-shard safe:
+    /// the absorbed side hands over only after logging that it left, the survivor answers
+    /// once the absorbed state is logged on its side).
+    async fn merge(&self, item: &ApplyItem) -> Result<(), Problem> {
+        let survivor = item.resolution.profile;
+        for absorbed in &item.resolution.merged {
+            let (tx, rx) = oneshot::channel();
+            self.shards[absorbed.shard() as usize].do_send(shard::TakeProfile {
+                profile: *absorbed,
+                into: survivor,
+                reply: tx,
+            });
+            let Some(state) = rx.await.map_err(|_| gone())?? else {
+                continue;
+            };
+            let identities: Vec<serde_json::Value> = item
+                .message
+                .identities
+                .iter()
+                .map(|i| serde_json::json!({"type": &*i.ty.name(), "value": &*i.value}))
+                .collect();
+            let note = serde_json::json!({
+                "type": "merge",
+                "survivor": survivor.to_string(),
+                "absorbed": absorbed.to_string(),
+                "message_id": item.message.message_id,
+                "identities": identities,
+                "rule": "a message carried identities of both profiles; the older profile survives",
+                "at": crate::segment::timefmt::format_ms(self.clock.now_ms()),
+            });
+            let (tx, rx) = oneshot::channel();
+            self.shards[survivor.shard() as usize].do_send(shard::AbsorbProfile {
+                profile: survivor,
+                absorbed: state,
+                note,
+                reply: tx,
+            });
+            rx.await.map_err(|_| gone())??;
+        }
+        Ok(())
+    }
+
+    /// The merges that touched a profile (`GET /v1/profiles/{key}/merges`).
+    pub async fn merges(&self, id: ProfileId) -> Option<Vec<String>> {
+        let (tx, rx) = oneshot::channel();
+        self.shards[id.shard() as usize].do_send(shard::GetMerges {
+            profile: id,
+            reply: tx,
+        });
+        rx.await.ok().flatten()
     }
 
     /// The API's profile object for an id.
@@ -524,7 +600,8 @@ impl Grid {
     pub fn find(&self, key: &crate::domain::identity::ProfileKey) -> Option<ProfileId> {
         use crate::domain::identity::ProfileKey;
         match key {
-            ProfileKey::Id(id) => self.registry.exists(*id).then_some(*id),
+            ProfileKey::Id(id) if self.registry.exists(*id) => Some(*id),
+            ProfileKey::Id(id) => self.registry.forward(*id),
             ProfileKey::Identity(i) => self.registry.lookup(i),
             ProfileKey::Nothing => None,
         }
@@ -546,6 +623,7 @@ impl Grid {
                 created: false,
                 linked: Vec::new(),
                 dropped: 0,
+                merged: Vec::new(),
                 conflict: false,
                 refused: false,
             },

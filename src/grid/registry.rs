@@ -26,6 +26,9 @@ pub struct Resolution {
     pub linked: Vec<(Identity, i64)>,
     /// How many of the message's identities were dropped to respect limits.
     pub dropped: usize,
+    /// Profiles merged into `profile` for this message (their data must be moved over
+    /// before the message is applied).
+    pub merged: Vec<ProfileId>,
     /// The message named identities of two or more profiles (merging is not done here).
     pub conflict: bool,
     /// A link was refused (alias over a limit): nothing was linked.
@@ -40,8 +43,9 @@ pub enum ResolveError {
     NoUsableIdentity,
 }
 
-/// Identity types (and first-seen times) of one profile, for limit checks.
-type OwnerEntry = Vec<(IdType, i64)>;
+/// Identity types, first-seen times and fingerprints of one profile, for limit checks and
+/// for moving its index entries when it is merged away.
+type OwnerEntry = Vec<(IdType, i64, u128)>;
 
 /// The identity index and per-profile identity counts.
 pub struct Registry {
@@ -49,6 +53,12 @@ pub struct Registry {
     index: DashMap<u128, ProfileId>,
     /// Profile → the types of the identities it holds.
     owners: DashMap<ProfileId, OwnerEntry>,
+    /// Merged-away profile → the profile that absorbed it (keys of absorbed profiles
+    /// resolve to the survivor; messages in flight to them are forwarded).
+    forwards: DashMap<ProfileId, ProfileId>,
+    /// Merges take it for writing, every other identity change for reading, so a merge
+    /// never races a link against the same profiles.
+    merge_lock: parking_lot::RwLock<()>,
     /// Fingerprints of identities erased with `?suppress=true`: messages carrying them are
     /// refused, so an SDK's queued resend cannot recreate the person.
     suppressed: dashmap::DashSet<u128>,
@@ -65,6 +75,8 @@ impl Registry {
             index: DashMap::new(),
             owners: DashMap::new(),
             suppressed: dashmap::DashSet::new(),
+            forwards: DashMap::new(),
+            merge_lock: parking_lot::RwLock::new(()),
             shards,
             rules,
         }
@@ -85,6 +97,127 @@ impl Registry {
         self.owners.contains_key(&id)
     }
 
+    /// The survivor a merged-away id resolves to (following chains of merges).
+    pub fn forward(&self, mut id: ProfileId) -> Option<ProfileId> {
+        let mut found = None;
+        for _ in 0..64 {
+            match self.forwards.get(&id).map(|f| *f) {
+                Some(next) => {
+                    found = Some(next);
+                    id = next;
+                }
+                None => break,
+            }
+        }
+        found
+    }
+
+    /// Whether merging `profiles` (plus `extra` identities of the message) would put a
+    /// profile over a limit; if so, the index of the message identity to drop.
+    fn merge_over_limit(
+        &self,
+        profiles: &[ProfileId],
+        message: &[Identity],
+        extra: &[usize],
+        now: i64,
+    ) -> Option<usize> {
+        let mut held: Vec<(IdType, i64, u128)> = Vec::new();
+        for p in profiles {
+            if let Some(o) = self.owners.get(p) {
+                held.extend(o.iter().copied());
+            }
+        }
+        let mut types: Vec<IdType> = held.iter().map(|(t, _, _)| *t).collect();
+        types.extend(extra.iter().map(|&i| message[i].ty));
+        types.sort_unstable();
+        types.dedup();
+        for ty in types {
+            let Some(limit) = self.rules.limit(ty) else {
+                continue;
+            };
+            let since = limit.per_ms.map(|p| now - p);
+            let existing = held
+                .iter()
+                .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
+                .count();
+            let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
+            if existing + added > limit.max {
+                return self.rules.lowest_priority(message);
+            }
+        }
+        None
+    }
+
+    /// Whether the union of the profiles' identities breaks a limit by itself.
+    fn union_over_limit(&self, profiles: &[ProfileId], now: i64) -> bool {
+        let mut held: Vec<(IdType, i64, u128)> = Vec::new();
+        for p in profiles {
+            if let Some(o) = self.owners.get(p) {
+                held.extend(o.iter().copied());
+            }
+        }
+        let mut types: Vec<IdType> = held.iter().map(|(t, _, _)| *t).collect();
+        types.sort_unstable();
+        types.dedup();
+        types.into_iter().any(|ty| {
+            self.rules.limit(ty).is_some_and(|limit| {
+                let since = limit.per_ms.map(|p| now - p);
+                held.iter()
+                    .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
+                    .count()
+                    > limit.max
+            })
+        })
+    }
+
+    /// Merges `absorbed` into `survivor` in the index: every identity of the absorbed
+    /// profiles now points at the survivor. Caller holds the merge lock for writing.
+    fn merge_index(&self, survivor: ProfileId, absorbed: &[ProfileId]) {
+        for a in absorbed {
+            let Some((_, entry)) = self.owners.remove(a) else {
+                continue;
+            };
+            for (_, _, h) in &entry {
+                self.index.insert(*h, survivor);
+            }
+            self.owners.entry(survivor).or_default().extend(entry);
+            self.forwards.insert(*a, survivor);
+        }
+    }
+
+    /// Replays a merge recorded in the log (idempotent).
+    pub fn restore_merge(
+        &self,
+        survivor: ProfileId,
+        absorbed: ProfileId,
+        identities: &[(Identity, i64)],
+    ) {
+        let _w = self.merge_lock.write();
+        self.owners.remove(&absorbed);
+        let mut owner = self.owners.entry(survivor).or_default();
+        for (id, seen) in identities {
+            let h = id.hash();
+            self.index.insert(h, survivor);
+            if !owner.iter().any(|(_, _, x)| *x == h) {
+                owner.push((id.ty, *seen, h));
+            }
+        }
+        drop(owner);
+        self.forwards.insert(absorbed, survivor);
+    }
+
+    /// Replays the absorbed side of a merge: the profile no longer owns identities.
+    pub fn restore_merged_away(&self, absorbed: ProfileId, survivor: ProfileId) {
+        let _w = self.merge_lock.write();
+        self.owners.remove(&absorbed);
+        self.forwards.insert(absorbed, survivor);
+    }
+
+    /// Records a merged-away id (from a snapshot's `merged_from` lists).
+    pub fn restore_forward(&self, absorbed: ProfileId, survivor: ProfileId) {
+        self.forwards.insert(absorbed, survivor);
+    }
+
     /// Number of profiles.
     pub fn profile_count(&self) -> usize {
         self.owners.len()
@@ -98,7 +231,7 @@ impl Registry {
     /// Index of the identity a limit forces out, if `extra` added to `held` breaks a limit.
     fn over_limit(
         &self,
-        held: &[(IdType, i64)],
+        held: &[(IdType, i64, u128)],
         message: &[Identity],
         extra: &[usize],
         now: i64,
@@ -111,7 +244,7 @@ impl Registry {
             let since = limit.per_ms.map(|p| now - p);
             let existing = held
                 .iter()
-                .filter(|(t, seen)| *t == ty && since.is_none_or(|s| *seen > s))
+                .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
                 .count();
             let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
             if existing + added > limit.max {
@@ -127,39 +260,45 @@ impl Registry {
     pub fn resolve(&self, identities: &[Identity], now: i64) -> Result<Resolution, ResolveError> {
         let mut ids: Vec<Identity> = identities.to_vec();
         let mut dropped = 0;
+        let mut merged: Vec<ProfileId> = Vec::new();
         loop {
             if ids.is_empty() {
                 return Err(ResolveError::NoUsableIdentity);
             }
+            let guard = self.merge_lock.read();
             let found: Vec<Option<ProfileId>> = ids.iter().map(|i| self.lookup(i)).collect();
             let mut distinct: Vec<ProfileId> = found.iter().flatten().copied().collect();
             distinct.sort_unstable();
             distinct.dedup();
-            let target = match distinct.len() {
-                0 => None,
-                1 => Some(distinct[0]),
-                _ => {
-                    // Until merges exist: the profile of the highest-priority held identity.
-                    let best = (0..ids.len())
-                        .filter(|&i| found[i].is_some())
-                        .min_by(|&a, &b| {
-                            self.rules
-                                .compare_priority(ids[a].ty, ids[b].ty)
-                                .then(a.cmp(&b))
-                        })
-                        .expect("at least two held identities");
-                    found[best]
-                }
-            };
             let unheld: Vec<usize> = (0..ids.len()).filter(|&i| found[i].is_none()).collect();
-            let outcome = match target {
+            if distinct.len() > 1 {
+                // Identities of several profiles: merge them into the oldest (ids are
+                // time-ordered), unless the union would break a limit.
+                drop(guard);
+                let _w = self.merge_lock.write();
+                let still: Vec<Option<ProfileId>> = ids.iter().map(|i| self.lookup(i)).collect();
+                if still != found {
+                    continue; // changed meanwhile: look again
+                }
+                if let Some(i) = self.merge_over_limit(&distinct, &ids, &unheld, now) {
+                    ids.remove(i);
+                    dropped += 1;
+                    continue;
+                }
+                let survivor = distinct[0];
+                self.merge_index(survivor, &distinct[1..]);
+                merged.extend_from_slice(&distinct[1..]);
+                continue; // now one profile holds them all: link the rest below
+            }
+            let outcome = match distinct.first() {
                 None => self.try_create(&ids, now),
-                Some(p) => self.try_link(p, &ids, &unheld, now),
+                Some(p) => self.try_link(*p, &ids, &unheld, now),
             };
+            drop(guard);
             match outcome {
                 Attempt::Done(mut r) => {
                     r.dropped = dropped;
-                    r.conflict = distinct.len() > 1;
+                    r.merged = std::mem::take(&mut merged);
                     return Ok(r);
                 }
                 Attempt::Drop(i) => {
@@ -184,6 +323,7 @@ impl Registry {
                 created: true,
                 linked,
                 dropped: 0,
+                merged: Vec::new(),
                 conflict: false,
                 refused: false,
             }),
@@ -208,6 +348,7 @@ impl Registry {
                 created: false,
                 linked,
                 dropped: 0,
+                merged: Vec::new(),
                 conflict: false,
                 refused: false,
             }),
@@ -231,14 +372,14 @@ impl Registry {
             match self.index.entry(id.hash()) {
                 Entry::Vacant(v) => {
                     v.insert(pid);
-                    owner.push((id.ty, now));
+                    owner.push((id.ty, now, id.hash()));
                     linked.push((id.clone(), now));
                 }
                 Entry::Occupied(o) if *o.get() == pid => {}
                 Entry::Occupied(_) => {
                     for (l, _) in &linked {
                         self.index.remove(&l.hash());
-                        if let Some(at) = owner.iter().rposition(|(t, _)| *t == l.ty) {
+                        if let Some(at) = owner.iter().rposition(|(_, _, h)| *h == l.hash()) {
                             owner.remove(at);
                         }
                     }
@@ -315,6 +456,7 @@ impl Registry {
                 created: false,
                 linked: Vec::new(),
                 dropped: 0,
+                merged: Vec::new(),
                 conflict: false,
                 refused: true,
             };
@@ -325,11 +467,25 @@ impl Registry {
                         ..refused(a)
                     });
                 }
-                (Some(a), Some(_)) => {
-                    // Two profiles: joining them is a merge (not done here); refuse the link.
-                    let mut r = refused(a);
-                    r.conflict = true;
-                    return Ok(r);
+                (Some(a), Some(b)) => {
+                    // Two profiles: merge them into the older one, under the same limits
+                    // as identify; over a limit nothing is linked.
+                    let _w = self.merge_lock.write();
+                    if self.lookup(&uid) != Some(a) || self.lookup(&prev) != Some(b) {
+                        continue; // changed meanwhile: look again
+                    }
+                    let (survivor, absorbed) = if a < b { (a, b) } else { (b, a) };
+                    if self.merge_over_limit(&[a, b], &[], &[], now).is_some()
+                        || self.union_over_limit(&[a, b], now)
+                    {
+                        return Ok(refused(a));
+                    }
+                    self.merge_index(survivor, &[absorbed]);
+                    return Ok(Resolution {
+                        refused: false,
+                        merged: vec![absorbed],
+                        ..refused(survivor)
+                    });
                 }
                 (Some(p), None) | (None, Some(p)) => {
                     let ids = [uid.clone(), prev.clone()];
@@ -362,7 +518,7 @@ impl Registry {
         let mut owner = self.owners.entry(pid).or_default();
         if let Entry::Vacant(v) = self.index.entry(identity.hash()) {
             v.insert(pid);
-            owner.push((identity.ty, first_seen));
+            owner.push((identity.ty, first_seen, identity.hash()));
         }
     }
 
@@ -400,7 +556,7 @@ impl Registry {
         };
         for id in identities {
             if self.index.remove_if(&id.hash(), |_, p| *p == pid).is_some()
-                && let Some(at) = owner.iter().rposition(|(t, _)| *t == id.ty)
+                && let Some(at) = owner.iter().rposition(|(_, _, h)| *h == id.hash())
             {
                 owner.remove(at);
             }

@@ -99,6 +99,9 @@ impl Shard {
             let (ps, sys) = super::snapshot::decode_chunk(chunk);
             for p in ps {
                 ctx.registry.restore_profile(p.id);
+                for m in &p.merged_from {
+                    ctx.registry.restore_forward(*m, p.id);
+                }
                 for h in &p.identities {
                     ctx.registry.restore_link(p.id, &h.identity, h.first_seen);
                 }
@@ -518,6 +521,28 @@ fn replay(
                 }
             }
         }
+        LogRecord::MergedAway(m) => {
+            profiles.remove(&ProfileId(m.profile));
+            ctx.registry
+                .restore_merged_away(ProfileId(m.profile), ProfileId(m.into));
+        }
+        LogRecord::Absorbed(a) => {
+            let sid = ProfileId(a.profile);
+            let (mut absorbed, _) = super::snapshot::decode_chunk(a.state);
+            if let Some(other) = absorbed.pop() {
+                let ids: Vec<(Identity, i64)> = other
+                    .identities
+                    .iter()
+                    .map(|h| (h.identity.clone(), h.first_seen))
+                    .collect();
+                ctx.registry.restore_merge(sid, other.id, &ids);
+                let survivor = profiles.entry(sid).or_insert_with(|| {
+                    ctx.registry.restore_profile(sid);
+                    Profile::new(sid, a.now_ms)
+                });
+                survivor.absorb(other, a.now_ms);
+            }
+        }
         LogRecord::Delete(d) => {
             ctx.registry.suppress(&d.suppressed);
             let pid = ProfileId(d.profile);
@@ -563,14 +588,23 @@ pub struct ApplyItem {
     pub resolution: Resolution,
 }
 
+/// What a shard did with a batch: per item accepted or why not, and the items whose
+/// profile was merged away meanwhile (to be sent on to the survivor's shard).
+pub struct BatchOutcome {
+    /// Applied or refused items.
+    pub done: Vec<(usize, Result<(), Problem>)>,
+    /// Items for merged-away profiles, re-targeted at their survivors.
+    pub moved: Vec<ApplyItem>,
+}
+
 /// Applies a request's messages for this shard in order, logs them, then answers.
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
 pub struct ApplyBatch {
     /// The messages.
     pub items: Vec<ApplyItem>,
-    /// Per item: accepted, or why not.
-    pub reply: oneshot::Sender<Vec<(usize, Result<(), Problem>)>>,
+    /// What happened to each.
+    pub reply: oneshot::Sender<BatchOutcome>,
 }
 
 impl Handler<ApplyBatch> for Shard {
@@ -586,31 +620,44 @@ impl Handler<ApplyBatch> for Shard {
                     self.profiles.contains_key(&item.resolution.profile),
                 );
             }
-            let _ = msg.reply.send(
-                msg.items
-                    .iter()
-                    .map(|i| (i.index, Err(p.clone())))
-                    .collect(),
-            );
+            let done = msg
+                .items
+                .iter()
+                .map(|i| (i.index, Err(p.clone())))
+                .collect();
+            let _ = msg.reply.send(BatchOutcome {
+                done,
+                moved: Vec::new(),
+            });
             return;
         }
         let now = self.ctx.clock.now_ms();
         let mut out = Vec::with_capacity(n);
-        for item in msg.items {
+        let mut moved = Vec::new();
+        for mut item in msg.items {
+            let pid = item.resolution.profile;
+            if !item.resolution.created && !self.profiles.contains_key(&pid) {
+                // Merged away after routing: the survivor's shard takes it.
+                if let Some(survivor) = self.ctx.registry.forward(pid) {
+                    item.resolution.profile = survivor;
+                    moved.push(item);
+                    continue;
+                }
+            }
             let r = self.apply_message(item.message, item.resolution, now);
             out.push((item.index, r));
         }
         self.depth.fetch_sub(n, Ordering::AcqRel);
         let reply = msg.reply;
         self.commit_then(move |durable| {
-            let out = match durable {
+            let done = match durable {
                 Ok(()) => out,
                 Err(p) => out
                     .into_iter()
                     .map(|(i, r)| (i, r.and(Err(p.clone()))))
                     .collect(),
             };
-            let _ = reply.send(out);
+            let _ = reply.send(BatchOutcome { done, moved });
         });
     }
 }
@@ -1149,12 +1196,44 @@ impl Handler<EncodeChunk> for Shard {
     }
 }
 
-/// Deletes log segments before a snapshot's position that hold no live event.
+/// The log segments (of any shard) that this shard's profiles still reference.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct LiveSegments {
+    /// (shard, segment) pairs.
+    pub reply: oneshot::Sender<std::collections::HashSet<(u16, u32)>>,
+}
+
+impl Handler<LiveSegments> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: LiveSegments, _: &mut Self::Context) {
+        let mut live = std::collections::HashSet::new();
+        let mut add = |pos: Position| {
+            let (s, seg, _) = crate::store::log::split_position(pos);
+            live.insert((s, seg));
+        };
+        for p in self.profiles.values() {
+            for e in &p.events {
+                add(e.pos);
+            }
+        }
+        for (_, e) in &self.system_log {
+            add(e.pos);
+        }
+        let _ = msg.reply.send(live);
+    }
+}
+
+/// Deletes log segments before a snapshot's position that no profile of any shard
+/// references (merged profiles keep events in their old shard's log).
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
 pub struct TruncateLog {
     /// The position the newest snapshot covers for this shard.
     pub before: Position,
+    /// Segments referenced anywhere in the grid.
+    pub live: Arc<std::collections::HashSet<(u16, u32)>>,
     /// Segments deleted.
     pub reply: oneshot::Sender<std::io::Result<usize>>,
 }
@@ -1163,17 +1242,150 @@ impl Handler<TruncateLog> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: TruncateLog, _: &mut Self::Context) {
-        let mut live = std::collections::HashSet::new();
-        for p in self.profiles.values() {
-            for e in &p.events {
-                live.insert(crate::store::log::split_position(e.pos).1);
-            }
-        }
-        for (_, e) in &self.system_log {
-            live.insert(crate::store::log::split_position(e.pos).1);
-        }
+        let mine: std::collections::HashSet<u32> = msg
+            .live
+            .iter()
+            .filter(|(s, _)| *s == self.id)
+            .map(|(_, seg)| *seg)
+            .collect();
         let _ = msg
             .reply
-            .send(self.log.delete_segments_before(msg.before, &live));
+            .send(self.log.delete_segments_before(msg.before, &mine));
+    }
+}
+
+/// Merge, absorbed side: removes the profile, logs that it went into `into`, and hands its
+/// whole state over once that is durable.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct TakeProfile {
+    /// The absorbed profile.
+    pub profile: ProfileId,
+    /// The survivor.
+    pub into: ProfileId,
+    /// Its state (None when it was not here).
+    pub reply: oneshot::Sender<Result<Option<Profile>, Problem>>,
+}
+
+impl Handler<TakeProfile> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: TakeProfile, _: &mut Self::Context) {
+        if let Some(p) = self.refusal() {
+            let _ = msg.reply.send(Err(p));
+            return;
+        }
+        let Some(profile) = self.profiles.remove(&msg.profile) else {
+            let _ = msg.reply.send(Ok(None));
+            return;
+        };
+        let seq = self.next_seq();
+        let record = LogRecord::MergedAway(crate::store::log::MergedAwayRecord {
+            seq,
+            profile: msg.profile.0,
+            into: msg.into.0,
+        });
+        if let Err(e) = self.log.append(&record) {
+            self.fail(&e);
+            self.profiles.insert(msg.profile, profile);
+            let _ = msg.reply.send(Err(io_problem(e)));
+            return;
+        }
+        metrics::gauge!("user360_profiles").decrement(1.0);
+        let reply = msg.reply;
+        self.commit_then(move |durable| {
+            let _ = reply.send(durable.map(|()| Some(profile)));
+        });
+    }
+}
+
+/// Merge, survivor side: takes in an absorbed profile's state, records `user.merged` and
+/// the merge note, and logs the whole absorbed state so replay needs nothing else.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct AbsorbProfile {
+    /// The survivor.
+    pub profile: ProfileId,
+    /// The absorbed profile's state.
+    pub absorbed: Profile,
+    /// What caused it (message id, identities, rule), as a JSON object.
+    pub note: serde_json::Value,
+    /// Answered once durable.
+    pub reply: oneshot::Sender<Result<(), Problem>>,
+}
+
+impl Handler<AbsorbProfile> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: AbsorbProfile, _: &mut Self::Context) {
+        if let Some(p) = self.refusal() {
+            let _ = msg.reply.send(Err(p));
+            return;
+        }
+        let now = self.ctx.clock.now_ms();
+        let sid = msg.profile;
+        let absorbed_id = msg.absorbed.id;
+        let mut absorbed = msg.absorbed;
+        absorbed.add_merge_note(msg.note.to_string());
+        let state = super::snapshot::encode_chunk(std::iter::once(&absorbed), &[]);
+        let seq = self.next_seq();
+        let record = LogRecord::Absorbed(crate::store::log::AbsorbedRecord {
+            seq,
+            profile: sid.0,
+            now_ms: now,
+            state,
+        });
+        if let Err(e) = self.log.append(&record) {
+            self.fail(&e);
+            let _ = msg.reply.send(Err(io_problem(e)));
+            return;
+        }
+        let exists = self.profiles.contains_key(&sid);
+        let survivor = self
+            .profiles
+            .entry(sid)
+            .or_insert_with(|| Profile::new(sid, now));
+        if !exists {
+            metrics::gauge!("user360_profiles").increment(1.0);
+        }
+        survivor.absorb(absorbed, now);
+        let s2 = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+        let props = serde_json::json!({"merged_from": [absorbed_id.to_string()]});
+        let result = append_system(&mut self.log, survivor, s2, "user.merged", Some(props), now);
+        trim(survivor, &self.ctx.settings, now);
+        metrics::counter!("user360_merges_total").increment(1);
+        let reply = msg.reply;
+        match result {
+            Err(p) => {
+                let _ = reply.send(Err(p));
+            }
+            Ok(()) => self.commit_then(move |durable| {
+                let _ = reply.send(durable);
+            }),
+        }
+    }
+}
+
+/// The merge notes of a profile (`GET /v1/profiles/{key}/merges`).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct GetMerges {
+    /// Which.
+    pub profile: ProfileId,
+    /// Notes as JSON texts (None when the profile is not here).
+    pub reply: oneshot::Sender<Option<Vec<String>>>,
+}
+
+impl Handler<GetMerges> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: GetMerges, _: &mut Self::Context) {
+        let out = self.profiles.get(&msg.profile).map(|p| {
+            p.merge_notes
+                .as_ref()
+                .map(|n| n.iter().map(|x| x.to_string()).collect())
+                .unwrap_or_default()
+        });
+        let _ = msg.reply.send(out);
     }
 }

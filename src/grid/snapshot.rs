@@ -83,6 +83,11 @@ pub fn encode_chunk<'a>(
                 .collect(),
             events: p.events.iter().map(&mut event).collect(),
             merged_from: p.merged_from.iter().map(|m| m.0).collect(),
+            merge_notes: p
+                .merge_notes
+                .as_ref()
+                .map(|n| n.iter().map(|x| x.to_string()).collect())
+                .unwrap_or_default(),
         })
         .collect();
     let system_log = system_log.iter().map(|(p, e)| (p.0, event(e))).collect();
@@ -143,6 +148,14 @@ pub fn decode_chunk(chunk: ShardChunk) -> (Vec<Profile>, Vec<(ProfileId, EventRe
             p.set_traits(traits);
             p.events = s.events.iter().map(event).collect();
             p.merged_from = s.merged_from.into_iter().map(ProfileId).collect();
+            if !s.merge_notes.is_empty() {
+                p.merge_notes = Some(Box::new(
+                    s.merge_notes
+                        .into_iter()
+                        .map(String::into_boxed_str)
+                        .collect(),
+                ));
+            }
             p
         })
         .collect();
@@ -342,11 +355,26 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
     })
     .await
     .expect("snapshot commit task")?;
+    // Segments referenced by any profile of any shard stay (merges make them cross-shard).
+    let mut live = std::collections::HashSet::new();
+    for shard in 0..grid.shard_count() as u16 {
+        let (tx, rx) = oneshot::channel();
+        grid.shard(shard)
+            .do_send(super::shard::LiveSegments { reply: tx });
+        match rx.await {
+            Ok(set) => live.extend(set),
+            Err(_) => return Ok(manifest),
+        }
+    }
+    let live = Arc::new(live);
     let mut deleted = 0;
     for (shard, before) in covers_by_shard.into_iter().enumerate() {
         let (tx, rx) = oneshot::channel();
-        grid.shard(shard as u16)
-            .do_send(TruncateLog { before, reply: tx });
+        grid.shard(shard as u16).do_send(TruncateLog {
+            before,
+            live: live.clone(),
+            reply: tx,
+        });
         match rx.await {
             Ok(Ok(n)) => deleted += n,
             Ok(Err(e)) => tracing::warn!(shard, error = %e, "cannot delete old log segments"),

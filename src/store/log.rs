@@ -103,6 +103,31 @@ pub struct DeleteRecord {
     pub suppressed: Vec<u128>,
 }
 
+/// A profile merged away into another (written in the absorbed profile's shard).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct MergedAwayRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// The absorbed profile.
+    pub profile: u128,
+    /// The survivor.
+    pub into: u128,
+}
+
+/// A profile absorbed into this one (written in the survivor's shard), with the absorbed
+/// profile's whole state so replay needs nothing else.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct AbsorbedRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// The survivor.
+    pub profile: u128,
+    /// Server time of the merge.
+    pub now_ms: i64,
+    /// The absorbed profile, in its stored form (one profile).
+    pub state: crate::store::snapshot::ShardChunk,
+}
+
 /// Every kind of state change a shard logs.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum LogRecord {
@@ -112,6 +137,10 @@ pub enum LogRecord {
     Patch(PatchRecord),
     /// An erasure.
     Delete(DeleteRecord),
+    /// This profile was merged into another.
+    MergedAway(MergedAwayRecord),
+    /// Another profile was merged into this one.
+    Absorbed(AbsorbedRecord),
 }
 
 impl LogRecord {
@@ -121,6 +150,8 @@ impl LogRecord {
             LogRecord::Event(r) => r.profile,
             LogRecord::Patch(r) => r.profile,
             LogRecord::Delete(r) => r.profile,
+            LogRecord::MergedAway(r) => r.profile,
+            LogRecord::Absorbed(r) => r.profile,
         }
     }
 
@@ -130,6 +161,8 @@ impl LogRecord {
             LogRecord::Event(r) => r.seq,
             LogRecord::Patch(r) => r.seq,
             LogRecord::Delete(r) => r.seq,
+            LogRecord::MergedAway(r) => r.seq,
+            LogRecord::Absorbed(r) => r.seq,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct ProfileSnap {
     pub events: Vec<EventRefSnap>,
     /// Absorbed ids.
     pub merged_from: Vec<u128>,
+    /// Merge notes (JSON objects).
+    pub merge_notes: Vec<String>,
 }
 
 /// A slice of one shard's profiles (ascending ids), with the log position it covers.
