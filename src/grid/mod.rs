@@ -173,6 +173,7 @@ impl Grid {
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
             settings,
         });
+        grid.drop_absorbed().await;
         grid.schedule_retention();
         grid.schedule_snapshots();
         grid.watch_disk();
@@ -382,12 +383,12 @@ impl Grid {
             let (tx, rx) = oneshot::channel();
             self.shards[absorbed.shard() as usize].do_send(shard::TakeProfile {
                 profile: *absorbed,
-                into: survivor,
                 reply: tx,
             });
             let Some(state) = rx.await.map_err(|_| gone())?? else {
                 continue;
             };
+            let keep = state.clone();
             let identities: Vec<serde_json::Value> = item
                 .message
                 .identities
@@ -410,9 +411,51 @@ impl Grid {
                 note,
                 reply: tx,
             });
+            if let Err(p) = rx.await.map_err(|_| gone()).and_then(|r| r) {
+                self.shards[absorbed.shard() as usize]
+                    .do_send(shard::ReturnProfile { profile: keep });
+                return Err(p);
+            }
+            drop(keep);
+            let (tx, rx) = oneshot::channel();
+            self.shards[absorbed.shard() as usize].do_send(shard::ConfirmMergedAway {
+                profile: *absorbed,
+                into: survivor,
+                reply: tx,
+            });
             rx.await.map_err(|_| gone())??;
         }
         Ok(())
+    }
+
+    /// After recovery: drops profiles that a survivor already absorbed but whose shard had
+    /// not logged their departure before a crash.
+    async fn drop_absorbed(&self) {
+        let mut ids = Vec::new();
+        for addr in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(shard::MergedIds { reply: tx });
+            ids.extend(rx.await.unwrap_or_default());
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let ids = Arc::new(ids);
+        let mut dropped = 0;
+        for addr in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            addr.do_send(shard::DropAbsorbed {
+                ids: ids.clone(),
+                reply: tx,
+            });
+            dropped += rx.await.unwrap_or(0);
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "dropped profiles absorbed by a merge whose last step a crash cut off"
+            );
+        }
     }
 
     /// The merges that touched a profile (`GET /v1/profiles/{key}/merges`).

@@ -213,6 +213,13 @@ impl Registry {
         self.forwards.insert(absorbed, survivor);
     }
 
+    /// Forgets the identity counts of a profile found absorbed after recovery (its
+    /// identities already point at the survivor).
+    pub fn drop_owner(&self, id: ProfileId) {
+        let _w = self.merge_lock.write();
+        self.owners.remove(&id);
+    }
+
     /// Records a merged-away id (from a snapshot's `merged_from` lists).
     pub fn restore_forward(&self, absorbed: ProfileId, survivor: ProfileId) {
         self.forwards.insert(absorbed, survivor);

@@ -1254,15 +1254,15 @@ impl Handler<TruncateLog> for Shard {
     }
 }
 
-/// Merge, absorbed side: removes the profile, logs that it went into `into`, and hands its
-/// whole state over once that is durable.
+/// Merge, absorbed side, step 1: takes the profile out of memory and hands its state
+/// over. Nothing is logged yet: the survivor logs the absorbed state first, then
+/// [`ConfirmMergedAway`] logs the departure, so a crash in between never loses data (the
+/// recovery drops a profile that some survivor already absorbed).
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
 pub struct TakeProfile {
     /// The absorbed profile.
     pub profile: ProfileId,
-    /// The survivor.
-    pub into: ProfileId,
     /// Its state (None when it was not here).
     pub reply: oneshot::Sender<Result<Option<Profile>, Problem>>,
 }
@@ -1275,10 +1275,43 @@ impl Handler<TakeProfile> for Shard {
             let _ = msg.reply.send(Err(p));
             return;
         }
-        let Some(profile) = self.profiles.remove(&msg.profile) else {
-            let _ = msg.reply.send(Ok(None));
-            return;
-        };
+        let _ = msg.reply.send(Ok(self.profiles.remove(&msg.profile)));
+    }
+}
+
+/// Merge, absorbed side, undo: the survivor could not take the state in; put it back.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ReturnProfile {
+    /// The state handed out by [`TakeProfile`].
+    pub profile: Profile,
+}
+
+impl Handler<ReturnProfile> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReturnProfile, _: &mut Self::Context) {
+        self.profiles.insert(msg.profile.id, msg.profile);
+    }
+}
+
+/// Merge, absorbed side, step 3: logs that the profile went into `into` (after the
+/// survivor logged the absorbed state) and answers once durable.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ConfirmMergedAway {
+    /// The absorbed profile.
+    pub profile: ProfileId,
+    /// The survivor.
+    pub into: ProfileId,
+    /// Answered once durable.
+    pub reply: oneshot::Sender<Result<(), Problem>>,
+}
+
+impl Handler<ConfirmMergedAway> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfirmMergedAway, _: &mut Self::Context) {
         let seq = self.next_seq();
         let record = LogRecord::MergedAway(crate::store::log::MergedAwayRecord {
             seq,
@@ -1287,15 +1320,61 @@ impl Handler<TakeProfile> for Shard {
         });
         if let Err(e) = self.log.append(&record) {
             self.fail(&e);
-            self.profiles.insert(msg.profile, profile);
             let _ = msg.reply.send(Err(io_problem(e)));
             return;
         }
         metrics::gauge!("user360_profiles").decrement(1.0);
         let reply = msg.reply;
         self.commit_then(move |durable| {
-            let _ = reply.send(durable.map(|()| Some(profile)));
+            let _ = reply.send(durable);
         });
+    }
+}
+
+/// After recovery: every id some profile lists in `merged_from` on this shard.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct MergedIds {
+    /// The ids.
+    pub reply: oneshot::Sender<Vec<ProfileId>>,
+}
+
+impl Handler<MergedIds> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: MergedIds, _: &mut Self::Context) {
+        let ids = self
+            .profiles
+            .values()
+            .flat_map(|p| p.merged_from.iter().copied())
+            .collect();
+        let _ = msg.reply.send(ids);
+    }
+}
+
+/// After recovery: drops profiles that a survivor already absorbed (a crash between the
+/// survivor logging the merge and the absorbed side logging its departure).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct DropAbsorbed {
+    /// Absorbed ids (of any shard).
+    pub ids: Arc<Vec<ProfileId>>,
+    /// How many were dropped here.
+    pub reply: oneshot::Sender<usize>,
+}
+
+impl Handler<DropAbsorbed> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: DropAbsorbed, _: &mut Self::Context) {
+        let mut dropped = 0;
+        for id in msg.ids.iter().filter(|id| id.shard() == self.id) {
+            if self.profiles.remove(id).is_some() {
+                self.ctx.registry.drop_owner(*id);
+                dropped += 1;
+            }
+        }
+        let _ = msg.reply.send(dropped);
     }
 }
 
