@@ -228,3 +228,55 @@ async fn limits_stop_merges_of_two_known_users() {
     assert_eq!(id_of(&s, "anonymous_id:shared").await, a);
     assert_eq!(id_of(&s, "email:b%40x.com").await, b);
 }
+
+#[tokio::test]
+async fn windowed_limits_count_only_identities_first_seen_within_the_window() {
+    let s = Server::start_with(Opts {
+        manual_clock: true,
+        env: vec![(
+            "USER360_IDENTITY__LIMITS".into(),
+            "{email={max=2,per=\"7d\"}}".into(),
+        )],
+    })
+    .await;
+    for (i, e) in ["a@x.com", "b@x.com", "c@x.com"].iter().enumerate() {
+        s.ingest(
+            "/v1/identify",
+            &json!({"userId": "w", "traits": {"email": e}, "messageId": format!("w{i}")}),
+        )
+        .await;
+    }
+    let (_, p) = s.get("/v1/profiles/user_id:w").await;
+    let emails = |p: &Value| {
+        identity_set(p)
+            .into_iter()
+            .filter(|(t, _)| t == "email")
+            .count()
+    };
+    assert_eq!(emails(&p), 2, "the third email within 7 days is not linked");
+    s.advance(8 * 86_400_000).await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "w", "traits": {"email": "d@x.com"}, "messageId": "w4"}),
+    )
+    .await;
+    let (_, p) = s.get("/v1/profiles/user_id:w").await;
+    assert_eq!(
+        emails(&p),
+        3,
+        "older identities no longer count against the window"
+    );
+    let (_, m) = common::split(
+        s.http
+            .get(format!("{}/metrics", s.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("user360_identities_dropped_total 1")
+    );
+}

@@ -198,10 +198,15 @@ impl Ingestor {
             }
             if resolution.refused {
                 metrics::counter!("user360_links_refused_total", "reason" => "limit").increment(1);
+                tracing::info!(message_id = %message.message_id, profile = %resolution.profile, "alias refused: linking would break an identity limit");
             }
             if resolution.dropped > 0 {
                 metrics::counter!("user360_identities_dropped_total")
                     .increment(resolution.dropped as u64);
+                tracing::info!(message_id = %message.message_id, profile = %resolution.profile, dropped = resolution.dropped, "identities left unlinked to respect identity limits");
+            }
+            if !resolution.merged.is_empty() {
+                tracing::info!(message_id = %message.message_id, survivor = %resolution.profile, absorbed = ?resolution.merged, "merging profiles");
             }
             reserved.push((index, hash));
             items.push(ApplyItem {
