@@ -57,6 +57,11 @@ struct Args {
     /// CI smoke: fail (exit 1) unless every request succeeded and events arrived.
     #[arg(long)]
     smoke: bool,
+    /// Also run a loopback webhook receiver on this port (0: any) and report the latency
+    /// from sending a message to receiving the delivery it caused. Point a trigger at
+    /// `http://127.0.0.1:PORT/hook`; identify messages carry `traits.lg_sent_us`.
+    #[arg(long)]
+    receiver: Option<u16>,
 }
 
 /// What one run measured.
@@ -88,6 +93,55 @@ impl Report {
     }
 }
 
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What the webhook receiver saw: deliveries and send-to-delivery latency.
+struct Received {
+    deliveries: AtomicU64,
+    latency: parking_lot::Mutex<Histogram<u64>>,
+}
+
+/// A loopback webhook receiver: answers 200 to `POST /hook` and, for deliveries whose
+/// profile traits carry `lg_sent_us`, records the latency from the load generator's send.
+async fn receiver(port: u16) -> anyhow::Result<(String, Arc<Received>)> {
+    use axum::routing::post;
+    let seen = Arc::new(Received {
+        deliveries: AtomicU64::new(0),
+        latency: parking_lot::Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
+    });
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let now = now_us();
+                state.deliveries.fetch_add(1, Ordering::Relaxed);
+                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                    if let Some(sent) = v["profile"]["traits"]["lg_sent_us"].as_u64() {
+                        state
+                            .latency
+                            .lock()
+                            .saturating_record(now.saturating_sub(sent).max(1));
+                    }
+                }
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((format!("http://{addr}/hook"), seen))
+}
+
 fn message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) -> Value {
     let user = zipf.sample(rng) as u64;
     let uid = format!("user-{user:08}");
@@ -100,7 +154,8 @@ fn message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) -> Va
     if roll < transitions {
         json!({"type": "identify", "anonymousId": anon, "userId": uid, "messageId": mid,
                "traits": {"email": format!("{uid}@example.com"), "plan": plan,
-                          "name": format!("User {user}"), "logins": rng.random_range(0..100), "bio": pad},
+                          "name": format!("User {user}"), "logins": rng.random_range(0..100), "bio": pad,
+                          "lg_sent_us": now_us()},
                "context": {"library": {"name": "loadgen", "version": "1"}, "ip": "203.0.113.7"}})
     } else if roll < 0.8 {
         json!({"type": "track", "userId": uid, "event": event,
@@ -226,6 +281,14 @@ async fn main() -> anyhow::Result<()> {
         args.users,
         args.transitions * 100.0
     );
+    let hook = match args.receiver {
+        Some(port) => {
+            let (url, seen) = receiver(port).await?;
+            println!("webhook receiver listening at {url}");
+            Some(seen)
+        }
+        None => None,
+    };
     let base = if args.baseline {
         let url = baseline_server().await?;
         let r = run(&args, &url, "baseline").await?;
@@ -240,6 +303,18 @@ async fn main() -> anyhow::Result<()> {
     r.print("user360");
     if let Some(b) = base {
         println!("ratio user360 / baseline: {:.2}", r.rate() / b.rate());
+    }
+    if let Some(seen) = hook {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let h = seen.latency.lock();
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+        println!(
+            "webhook: {} deliveries; send-to-delivery ms p50 {:.2} p99 {:.2} ({} timed)",
+            seen.deliveries.load(Ordering::Relaxed),
+            q(0.5),
+            q(0.99),
+            h.len()
+        );
     }
     if args.smoke {
         let failed = r.errors.values().sum::<u64>();

@@ -245,6 +245,7 @@ impl Shard {
             .append(&LogRecord::Event(record.clone()))
             .map_err(io_problem)?;
         profile.add_event(event_ref(&record, pos));
+        metrics::counter!("user360_events_stored_total").increment(1);
         profile.updated_at = now;
         if let Some(plan) = plan {
             let changes = profile.commit_traits(plan, now);

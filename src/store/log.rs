@@ -406,6 +406,8 @@ impl ShardLog {
                 return Err(e);
             }
             self.written += self.pending.len() as u64;
+            metrics::counter!("user360_log_bytes_written_total")
+                .increment(self.pending.len() as u64);
             self.pending.clear();
         }
         Ok(())
