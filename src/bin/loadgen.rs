@@ -122,13 +122,13 @@ async fn receiver(port: u16) -> anyhow::Result<(String, Arc<Received>)> {
             async move {
                 let now = now_us();
                 state.deliveries.fetch_add(1, Ordering::Relaxed);
-                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                    if let Some(sent) = v["profile"]["traits"]["lg_sent_us"].as_u64() {
-                        state
-                            .latency
-                            .lock()
-                            .saturating_record(now.saturating_sub(sent).max(1));
-                    }
+                if let Ok(v) = serde_json::from_slice::<Value>(&body)
+                    && let Some(sent) = v["profile"]["traits"]["lg_sent_us"].as_u64()
+                {
+                    state
+                        .latency
+                        .lock()
+                        .saturating_record(now.saturating_sub(sent).max(1));
                 }
                 "ok"
             }
