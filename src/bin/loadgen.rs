@@ -36,9 +36,12 @@ struct Args {
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Seconds to run.
+    /// Seconds to run (at most).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Stop after sending this many events (0: only the time limit applies).
+    #[arg(long, default_value_t = 0)]
+    events: u64,
     /// Messages per request (1 sends to /v1/track etc., more to /v1/batch).
     #[arg(long, default_value_t = 100)]
     batch: usize,
@@ -191,6 +194,9 @@ async fn run(args: &Args, url: &str, key: &str) -> anyhow::Result<Report> {
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             while Instant::now() < deadline {
                 let n = counter.fetch_add(args.batch as u64, Ordering::Relaxed);
+                if args.events > 0 && n >= args.events {
+                    break;
+                }
                 let (path, body) = if args.batch <= 1 {
                     let m = message(&mut rng, &zipf, args.transitions, n);
                     (format!("/v1/{}", m["type"].as_str().unwrap_or("track")), m)
