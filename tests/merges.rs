@@ -280,3 +280,65 @@ async fn windowed_limits_count_only_identities_first_seen_within_the_window() {
             .contains("user360_identities_dropped_total 1")
     );
 }
+
+#[tokio::test]
+async fn patch_with_an_email_held_elsewhere_merges_under_the_same_rules() {
+    let s = Server::start_with(four_shards()).await;
+    s.ingest("/v1/track", &json!({"anonymousId": "a1", "event": "Seen"}))
+        .await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "u2", "traits": {"email": "e2@x.com", "plan": "pro"}}),
+    )
+    .await;
+    let p1 = id_of(&s, "anonymous_id:a1").await;
+    let (st, p) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/anonymous_id:a1/traits",
+            Some(&json!({"email": "E2@x.com"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{p}");
+    assert_eq!(s.all_profiles().await.len(), 1);
+    assert_eq!(
+        identity_set(&p),
+        ids(&[
+            ("anonymous_id", "a1"),
+            ("user_id", "u2"),
+            ("email", "e2@x.com")
+        ])
+    );
+    assert_eq!(id_of(&s, "user_id:u2").await, p["id"].as_str().unwrap());
+    assert!(p["id"].as_str().unwrap() == p1 || p["merged_from"].as_array().unwrap().len() == 1);
+    assert_eq!(p["traits"]["plan"], "pro");
+    // Two known users: the key's profile is patched, the email is not linked.
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "u3", "anonymousId": "a3"}),
+    )
+    .await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "u4", "traits": {"email": "e4@x.com"}}),
+    )
+    .await;
+    let (st, p3) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/anonymous_id:a3/traits",
+            Some(&json!({"email": "e4@x.com"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{p3}");
+    assert_eq!(p3["id"].as_str().unwrap(), id_of(&s, "user_id:u3").await);
+    assert_eq!(p3["traits"]["email"], "e4@x.com");
+    assert_eq!(
+        identity_set(&p3),
+        ids(&[("anonymous_id", "a3"), ("user_id", "u3")])
+    );
+    assert_eq!(
+        id_of(&s, "email:e4%40x.com").await,
+        id_of(&s, "user_id:u4").await
+    );
+}

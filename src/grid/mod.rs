@@ -378,8 +378,24 @@ impl Grid {
     /// the absorbed side hands over only after logging that it left, the survivor answers
     /// once the absorbed state is logged on its side).
     async fn merge(&self, item: &ApplyItem) -> Result<(), Problem> {
-        let survivor = item.resolution.profile;
-        for absorbed in &item.resolution.merged {
+        self.merge_into(
+            item.resolution.profile,
+            &item.resolution.merged,
+            &item.message.message_id,
+            &item.message.identities,
+        )
+        .await
+    }
+
+    /// Moves each absorbed profile's state into `survivor` (see docs/identity.md).
+    async fn merge_into(
+        &self,
+        survivor: ProfileId,
+        merged: &[ProfileId],
+        cause: &str,
+        cause_identities: &[crate::domain::identity::Identity],
+    ) -> Result<(), Problem> {
+        for absorbed in merged {
             let (tx, rx) = oneshot::channel();
             self.shards[absorbed.shard() as usize].do_send(shard::TakeProfile {
                 profile: *absorbed,
@@ -389,9 +405,7 @@ impl Grid {
                 continue;
             };
             let keep = state.clone();
-            let identities: Vec<serde_json::Value> = item
-                .message
-                .identities
+            let identities: Vec<serde_json::Value> = cause_identities
                 .iter()
                 .map(|i| serde_json::json!({"type": &*i.ty.name(), "value": &*i.value}))
                 .collect();
@@ -399,7 +413,7 @@ impl Grid {
                 "type": "merge",
                 "survivor": survivor.to_string(),
                 "absorbed": absorbed.to_string(),
-                "message_id": item.message.message_id,
+                "message_id": cause,
                 "identities": identities,
                 "rule": "a message carried identities of both profiles; the older profile survives",
                 "at": crate::segment::timefmt::format_ms(self.clock.now_ms()),
@@ -660,22 +674,6 @@ impl Grid {
         use crate::domain::identity::{IdType, Identity, ProfileKey, normalize};
         let now = self.clock.now_ms();
         let not_found = || Problem::new(ErrorCode::NotFound, "no profile holds that key");
-        let mut resolution = match (key, self.find(key)) {
-            (_, Some(pid)) => registry::Resolution {
-                profile: pid,
-                created: false,
-                linked: Vec::new(),
-                dropped: 0,
-                merged: Vec::new(),
-                conflict: false,
-                refused: false,
-            },
-            (ProfileKey::Identity(id), None) => self
-                .registry
-                .resolve(std::slice::from_ref(id), now)
-                .map_err(|e| Problem::new(ErrorCode::MissingId, e.to_string()))?,
-            _ => return Err(not_found()),
-        };
         let mut extra = Vec::new();
         for (name, ty) in [("email", IdType::EMAIL), ("phone", IdType::PHONE)] {
             if let Some(serde_json::Value::String(v)) = traits.get(name)
@@ -688,11 +686,40 @@ impl Grid {
                 });
             }
         }
-        if !extra.is_empty() {
-            resolution
-                .linked
-                .extend(self.registry.link_onto(resolution.profile, &extra, now));
-        }
+        let resolution = match (key, self.find(key)) {
+            // An identity key: it and the email/phone traits resolve together, like the
+            // identities of a message (creating, linking or merging under the limits).
+            (ProfileKey::Identity(id), _) => {
+                let mut ids = vec![id.clone()];
+                ids.extend(extra);
+                let r = self
+                    .registry
+                    .resolve_keeping_first(&ids, now)
+                    .map_err(|e| Problem::new(ErrorCode::MissingId, e.to_string()))?;
+                if !r.merged.is_empty() {
+                    let cause = format!("patch:{}", crate::segment::timefmt::format_ms(now));
+                    self.merge_into(r.profile, &r.merged, &cause, &ids).await?;
+                }
+                r
+            }
+            (_, Some(pid)) => {
+                let linked = if extra.is_empty() {
+                    Vec::new()
+                } else {
+                    self.registry.link_onto(pid, &extra, now)
+                };
+                registry::Resolution {
+                    profile: pid,
+                    created: false,
+                    linked,
+                    dropped: 0,
+                    merged: Vec::new(),
+                    conflict: false,
+                    refused: false,
+                }
+            }
+            _ => return Err(not_found()),
+        };
         self.patch_traits(resolution, traits).await
     }
 }

@@ -265,6 +265,42 @@ impl Registry {
     /// profile, creating or linking as needed. When a limit would be broken the message's
     /// lowest-priority identity is dropped and the rest retried.
     pub fn resolve(&self, identities: &[Identity], now: i64) -> Result<Resolution, ResolveError> {
+        self.resolve_inner(identities, now, None)
+    }
+
+    /// Like [`Registry::resolve`], but the first identity is never the one dropped (a
+    /// PATCH's profile key decides which profile it changes).
+    pub fn resolve_keeping_first(
+        &self,
+        identities: &[Identity],
+        now: i64,
+    ) -> Result<Resolution, ResolveError> {
+        self.resolve_inner(identities, now, identities.first().cloned())
+    }
+
+    /// Which identity to drop: the lowest-priority one, never `keep`.
+    fn drop_index(
+        &self,
+        ids: &[Identity],
+        suggested: usize,
+        keep: &Option<Identity>,
+    ) -> Option<usize> {
+        match keep {
+            Some(k) if ids[suggested] == *k => {
+                let others: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] != *k).collect();
+                let rest: Vec<Identity> = others.iter().map(|&i| ids[i].clone()).collect();
+                self.rules.lowest_priority(&rest).map(|j| others[j])
+            }
+            _ => Some(suggested),
+        }
+    }
+
+    fn resolve_inner(
+        &self,
+        identities: &[Identity],
+        now: i64,
+        keep: Option<Identity>,
+    ) -> Result<Resolution, ResolveError> {
         let mut ids: Vec<Identity> = identities.to_vec();
         let mut dropped = 0;
         let mut merged: Vec<ProfileId> = Vec::new();
@@ -288,6 +324,9 @@ impl Registry {
                     continue; // changed meanwhile: look again
                 }
                 if let Some(i) = self.merge_over_limit(&distinct, &ids, &unheld, now) {
+                    let Some(i) = self.drop_index(&ids, i, &keep) else {
+                        return Err(ResolveError::NoUsableIdentity);
+                    };
                     ids.remove(i);
                     dropped += 1;
                     continue;
@@ -309,6 +348,9 @@ impl Registry {
                     return Ok(r);
                 }
                 Attempt::Drop(i) => {
+                    let Some(i) = self.drop_index(&ids, i, &keep) else {
+                        return Err(ResolveError::NoUsableIdentity);
+                    };
                     ids.remove(i);
                     dropped += 1;
                 }
