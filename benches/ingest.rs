@@ -73,6 +73,7 @@ fn codec_and_registry(c: &mut Criterion) {
         name: "Product Viewed".into(),
         created: false,
         dedup_hash: 42,
+        note: None,
         linked: vec![],
         json: String::from_utf8(batch_body(1)).unwrap(),
     });
@@ -170,6 +171,7 @@ fn rules_apply_and_wal(c: &mut Criterion) {
         name: "Product Viewed".into(),
         created: false,
         dedup_hash: 1,
+        note: None,
         linked: vec![],
         json: "x".repeat(600),
     });
@@ -190,5 +192,59 @@ fn rules_apply_and_wal(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parsing, codec_and_registry, rules_apply_and_wal);
+fn merges(c: &mut Criterion) {
+    use user360::domain::event::{EventKind, EventRef};
+    use user360::domain::ids::ProfileId;
+    use user360::domain::profile::{Profile, TraitLimits, TraitTime};
+
+    let limits = TraitLimits {
+        max_keys: 1000,
+        max_bytes: 256 * 1024,
+        same_time_ms: 1000,
+    };
+    let build = |id: u64, offset: i64| {
+        let mut p = Profile::new(ProfileId::new(1_800_000_000_000 + offset, 0, id), 1);
+        for i in 0..1000i64 {
+            p.add_event(EventRef::new(
+                1_800_000_000_000 + i * 2 + offset,
+                (i * 2 + offset) as u64,
+                i as u64,
+                1,
+                0,
+                EventKind::Track,
+            ));
+        }
+        let traits: serde_json::Map<String, serde_json::Value> = serde_json::from_value(
+            json!({"plan": "pro", "seats": offset, "country": "IN", "name": "Ana"}),
+        )
+        .unwrap();
+        let plan = p
+            .plan_traits(&traits, TraitTime::Event(offset), limits)
+            .unwrap();
+        p.commit_traits(plan, 1);
+        p
+    };
+    let a = build(1, 0);
+    let b = build(2, 1);
+    let mut g = c.benchmark_group("merge");
+    g.bench_function("absorb_two_profiles_of_1000_events", |bench| {
+        bench.iter_batched(
+            || (a.clone(), b.clone()),
+            |(mut a, b)| {
+                a.absorb(b, 2);
+                black_box(a)
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    parsing,
+    codec_and_registry,
+    rules_apply_and_wal,
+    merges
+);
 criterion_main!(benches);

@@ -342,3 +342,41 @@ async fn patch_with_an_email_held_elsewhere_merges_under_the_same_rules() {
         id_of(&s, "user_id:u4").await
     );
 }
+
+#[tokio::test]
+async fn refused_links_are_listed_with_the_merges_and_survive_restarts() {
+    let mut s = Server::start().await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "ava", "anonymousId": "kiosk"}),
+    )
+    .await;
+    s.ingest(
+        "/v1/identify",
+        &json!({"userId": "ben", "anonymousId": "kiosk", "messageId": "m-ben"}),
+    )
+    .await;
+    s.ingest("/v1/identify", &json!({"userId": "cy"})).await;
+    s.ingest(
+        "/v1/alias",
+        &json!({"userId": "cy", "previousId": "ava", "messageId": "m-alias"}),
+    )
+    .await;
+    let (_, ben) = s.get("/v1/profiles/user_id:ben/merges").await;
+    let notes = ben["merges"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{ben}");
+    assert_eq!(notes[0]["type"], "refused");
+    assert_eq!(notes[0]["message_id"], "m-ben");
+    assert_eq!(
+        notes[0]["identities"],
+        json!([{"type": "anonymous_id", "value": "kiosk"}])
+    );
+    let (_, cy) = s.get("/v1/profiles/user_id:cy/merges").await;
+    assert_eq!(cy["merges"][0]["message_id"], "m-alias", "{cy}");
+    let tmp = s.keep_dir();
+    s.kill9();
+    let s2 = Server::start_in(&s.data_dir, Opts::default()).await;
+    let (_, ben2) = s2.get("/v1/profiles/user_id:ben/merges").await;
+    assert_eq!(ben2, ben);
+    drop(tmp);
+}

@@ -713,6 +713,7 @@ impl Grid {
                     created: false,
                     linked,
                     dropped: 0,
+                    dropped_ids: Vec::new(),
                     merged: Vec::new(),
                     conflict: false,
                     refused: false,

@@ -26,6 +26,8 @@ pub struct Resolution {
     pub linked: Vec<(Identity, i64)>,
     /// How many of the message's identities were dropped to respect limits.
     pub dropped: usize,
+    /// Which ones (for the profile's list of refused links).
+    pub dropped_ids: Vec<Identity>,
     /// Profiles merged into `profile` for this message (their data must be moved over
     /// before the message is applied).
     pub merged: Vec<ProfileId>,
@@ -303,6 +305,7 @@ impl Registry {
     ) -> Result<Resolution, ResolveError> {
         let mut ids: Vec<Identity> = identities.to_vec();
         let mut dropped = 0;
+        let mut dropped_ids: Vec<Identity> = Vec::new();
         let mut merged: Vec<ProfileId> = Vec::new();
         loop {
             if ids.is_empty() {
@@ -327,7 +330,7 @@ impl Registry {
                     let Some(i) = self.drop_index(&ids, i, &keep) else {
                         return Err(ResolveError::NoUsableIdentity);
                     };
-                    ids.remove(i);
+                    dropped_ids.push(ids.remove(i));
                     dropped += 1;
                     continue;
                 }
@@ -344,6 +347,7 @@ impl Registry {
             match outcome {
                 Attempt::Done(mut r) => {
                     r.dropped = dropped;
+                    r.dropped_ids = std::mem::take(&mut dropped_ids);
                     r.merged = std::mem::take(&mut merged);
                     return Ok(r);
                 }
@@ -351,7 +355,7 @@ impl Registry {
                     let Some(i) = self.drop_index(&ids, i, &keep) else {
                         return Err(ResolveError::NoUsableIdentity);
                     };
-                    ids.remove(i);
+                    dropped_ids.push(ids.remove(i));
                     dropped += 1;
                 }
                 Attempt::Retry => {}
@@ -372,6 +376,7 @@ impl Registry {
                 created: true,
                 linked,
                 dropped: 0,
+                dropped_ids: Vec::new(),
                 merged: Vec::new(),
                 conflict: false,
                 refused: false,
@@ -397,6 +402,7 @@ impl Registry {
                 created: false,
                 linked,
                 dropped: 0,
+                dropped_ids: Vec::new(),
                 merged: Vec::new(),
                 conflict: false,
                 refused: false,
@@ -505,6 +511,7 @@ impl Registry {
                 created: false,
                 linked: Vec::new(),
                 dropped: 0,
+                dropped_ids: Vec::new(),
                 merged: Vec::new(),
                 conflict: false,
                 refused: true,

@@ -175,7 +175,13 @@ impl Shard {
     }
 
     /// Applies one message; a rejection leaves no trace (its links are undone).
-    fn apply_message(&mut self, m: Message, r: Resolution, now: i64) -> Result<(), Problem> {
+    fn apply_message(
+        &mut self,
+        m: Message,
+        r: Resolution,
+        note: Option<String>,
+        now: i64,
+    ) -> Result<(), Problem> {
         let pid = r.profile;
         debug_assert_eq!(pid.shard(), self.id);
         let exists = self.profiles.contains_key(&pid);
@@ -237,9 +243,13 @@ impl Shard {
             name,
             created: !exists,
             dedup_hash: crate::ingest::dedup::hash_id(&m.message_id),
+            note: note.clone(),
             linked,
             json,
         };
+        if let Some(n) = note {
+            profile.add_merge_note(n);
+        }
         let pos = self
             .log
             .append(&LogRecord::Event(record.clone()))
@@ -421,6 +431,7 @@ fn system_record(
         name: name.to_owned(),
         created: false,
         dedup_hash: 0,
+        note: None,
         linked: Vec::new(),
         json: serde_json::to_string(&out).expect("events serialise"),
     }
@@ -490,6 +501,9 @@ fn replay(
                 Profile::new(pid, e.received_ms)
             });
             restore_links(ctx, profile, &e.linked);
+            if let Some(n) = &e.note {
+                profile.add_merge_note(n.clone());
+            }
             if e.kind == EventKind::Identify
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json)
                 && let Some(traits) = v.get("traits").and_then(|t| t.as_object())
@@ -587,6 +601,8 @@ pub struct ApplyItem {
     pub message: Message,
     /// Where the registry put it.
     pub resolution: Resolution,
+    /// A refused link to list in the profile's merges (JSON object), if any.
+    pub note: Option<String>,
 }
 
 /// What a shard did with a batch: per item accepted or why not, and the items whose
@@ -645,7 +661,7 @@ impl Handler<ApplyBatch> for Shard {
                     continue;
                 }
             }
-            let r = self.apply_message(item.message, item.resolution, now);
+            let r = self.apply_message(item.message, item.resolution, item.note, now);
             out.push((item.index, r));
         }
         self.depth.fetch_sub(n, Ordering::AcqRel);

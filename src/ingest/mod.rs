@@ -55,6 +55,38 @@ pub enum KeyCheck<'a> {
     Body(&'a (dyn Fn(&str) -> bool + Sync)),
 }
 
+/// The entry for the profile's `…/merges` list when links of a message were refused.
+fn refusal_note(
+    m: &crate::domain::message::Message,
+    r: &crate::grid::registry::Resolution,
+    now: i64,
+) -> Option<String> {
+    let ident = |ty: &str, v: &str| serde_json::json!({"type": ty, "value": v});
+    let identities: Vec<serde_json::Value> = if r.refused {
+        vec![
+            ident("user_id", m.user_id.as_deref().unwrap_or_default()),
+            ident("previous_id", m.previous_id.as_deref().unwrap_or_default()),
+        ]
+    } else if !r.dropped_ids.is_empty() {
+        r.dropped_ids
+            .iter()
+            .map(|i| ident(&i.ty.name(), &i.value))
+            .collect()
+    } else {
+        return None;
+    };
+    Some(
+        serde_json::json!({
+            "type": "refused",
+            "message_id": m.message_id,
+            "identities": identities,
+            "rule": "identity limit: linking or merging would give a profile more identities of a type than identity.limits allows",
+            "at": crate::segment::timefmt::format_ms(now),
+        })
+        .to_string(),
+    )
+}
+
 /// The ingest service; one per server.
 pub struct Ingestor {
     /// The grid messages go to.
@@ -208,11 +240,13 @@ impl Ingestor {
             if !resolution.merged.is_empty() {
                 tracing::info!(message_id = %message.message_id, survivor = %resolution.profile, absorbed = ?resolution.merged, "merging profiles");
             }
+            let note = refusal_note(&message, &resolution, received_ms);
             reserved.push((index, hash));
             items.push(ApplyItem {
                 index,
                 message,
                 resolution,
+                note,
             });
         }
         let mut accepted = 0;

@@ -67,6 +67,8 @@ pub struct EventRecord {
     pub created: bool,
     /// Hash of its messageId for dedup (0 for standard events).
     pub dedup_hash: u64,
+    /// A refused link to list in the profile's merges (JSON object), if any.
+    pub note: Option<String>,
     /// Identities this message linked to the profile.
     pub linked: Vec<LinkedIdentity>,
     /// The event as the API shows it (without `profile_id`).
@@ -595,6 +597,7 @@ mod tests {
             name: "Viewed".into(),
             created: seq == 1,
             dedup_hash: seq,
+            note: None,
             linked: vec![],
             json: format!("{{\"seq\":{seq}}}"),
         })
