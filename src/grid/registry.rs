@@ -114,6 +114,47 @@ impl Registry {
         found
     }
 
+    /// The identity types, first-seen times and fingerprints of several profiles together.
+    fn held_by(&self, profiles: &[ProfileId]) -> Vec<(IdType, i64, u128)> {
+        let mut held = Vec::new();
+        for p in profiles {
+            if let Some(o) = self.owners.get(p) {
+                held.extend(o.iter().copied());
+            }
+        }
+        held
+    }
+
+    /// Whether `held` plus the message identities at `extra` would exceed a type's limit
+    /// (counting, for windowed limits, only identities first seen within the window).
+    /// Checks the types of `extra`, or with `all_types` every type involved.
+    fn breaks_limit(
+        &self,
+        held: &[(IdType, i64, u128)],
+        message: &[Identity],
+        extra: &[usize],
+        now: i64,
+        all_types: bool,
+    ) -> bool {
+        let mut types: Vec<IdType> = extra.iter().map(|&i| message[i].ty).collect();
+        if all_types {
+            types.extend(held.iter().map(|(t, _, _)| *t));
+        }
+        types.sort_unstable();
+        types.dedup();
+        types.into_iter().any(|ty| {
+            self.rules.limit(ty).is_some_and(|limit| {
+                let since = limit.per_ms.map(|p| now - p);
+                let existing = held
+                    .iter()
+                    .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
+                    .count();
+                let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
+                existing + added > limit.max
+            })
+        })
+    }
+
     /// Whether merging `profiles` (plus `extra` identities of the message) would put a
     /// profile over a limit; if so, the index of the message identity to drop.
     fn merge_over_limit(
@@ -123,53 +164,17 @@ impl Registry {
         extra: &[usize],
         now: i64,
     ) -> Option<usize> {
-        let mut held: Vec<(IdType, i64, u128)> = Vec::new();
-        for p in profiles {
-            if let Some(o) = self.owners.get(p) {
-                held.extend(o.iter().copied());
-            }
+        let held = self.held_by(profiles);
+        if self.breaks_limit(&held, message, extra, now, true) {
+            self.rules.lowest_priority(message)
+        } else {
+            None
         }
-        let mut types: Vec<IdType> = held.iter().map(|(t, _, _)| *t).collect();
-        types.extend(extra.iter().map(|&i| message[i].ty));
-        types.sort_unstable();
-        types.dedup();
-        for ty in types {
-            let Some(limit) = self.rules.limit(ty) else {
-                continue;
-            };
-            let since = limit.per_ms.map(|p| now - p);
-            let existing = held
-                .iter()
-                .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
-                .count();
-            let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
-            if existing + added > limit.max {
-                return self.rules.lowest_priority(message);
-            }
-        }
-        None
     }
 
     /// Whether the union of the profiles' identities breaks a limit by itself.
     fn union_over_limit(&self, profiles: &[ProfileId], now: i64) -> bool {
-        let mut held: Vec<(IdType, i64, u128)> = Vec::new();
-        for p in profiles {
-            if let Some(o) = self.owners.get(p) {
-                held.extend(o.iter().copied());
-            }
-        }
-        let mut types: Vec<IdType> = held.iter().map(|(t, _, _)| *t).collect();
-        types.sort_unstable();
-        types.dedup();
-        types.into_iter().any(|ty| {
-            self.rules.limit(ty).is_some_and(|limit| {
-                let since = limit.per_ms.map(|p| now - p);
-                held.iter()
-                    .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
-                    .count()
-                    > limit.max
-            })
-        })
+        self.breaks_limit(&self.held_by(profiles), &[], &[], now, true)
     }
 
     /// Merges `absorbed` into `survivor` in the index: every identity of the absorbed
@@ -245,22 +250,11 @@ impl Registry {
         extra: &[usize],
         now: i64,
     ) -> Option<usize> {
-        for &i in extra {
-            let ty = message[i].ty;
-            let Some(limit) = self.rules.limit(ty) else {
-                continue;
-            };
-            let since = limit.per_ms.map(|p| now - p);
-            let existing = held
-                .iter()
-                .filter(|(t, seen, _)| *t == ty && since.is_none_or(|s| *seen > s))
-                .count();
-            let added = extra.iter().filter(|&&j| message[j].ty == ty).count();
-            if existing + added > limit.max {
-                return self.rules.lowest_priority(message);
-            }
+        if self.breaks_limit(held, message, extra, now, false) {
+            self.rules.lowest_priority(message)
+        } else {
+            None
         }
-        None
     }
 
     /// Resolves a message's identities (normalised, unblocked, in message order) to one
@@ -531,9 +525,7 @@ impl Registry {
                         continue; // changed meanwhile: look again
                     }
                     let (survivor, absorbed) = if a < b { (a, b) } else { (b, a) };
-                    if self.merge_over_limit(&[a, b], &[], &[], now).is_some()
-                        || self.union_over_limit(&[a, b], now)
-                    {
+                    if self.union_over_limit(&[a, b], now) {
                         return Ok(refused(a));
                     }
                     self.merge_index(survivor, &[absorbed]);
