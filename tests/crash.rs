@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Opts, Server, identity_set};
+use common::{Opts, Rng, Server, identity_set};
 use serde_json::{Value, json};
 
 /// Concurrent client tasks.
@@ -27,29 +27,6 @@ const TASKS: usize = 4;
 const USERS: usize = 240;
 /// Kill/restart cycles per run.
 const CYCLES: usize = 5;
-
-/// A tiny xorshift64* generator: deterministic per seed, no crates.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: u64, hi_incl: u64) -> u64 {
-        lo + self.below(hi_incl - lo + 1)
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 enum Outcome {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use common::{Opts, Server, identity_set};
+use common::{Opts, Rng, Server, identity_set};
 use serde_json::{Map, Value, json};
 use user360::segment::timefmt::format_ms;
 
@@ -26,26 +26,6 @@ const KEYS: &[&str] = &["plan", "age", "tags", "addr", "vip", "score"];
 const LATE_SLOTS: u64 = 40;
 /// A key's time when it was set by a message without timestamp or by PATCH (≈ now).
 const NOW: i64 = i64::MAX;
-
-/// A tiny xorshift64* generator: deterministic per seed, no crates.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Op {

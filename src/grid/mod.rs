@@ -709,14 +709,8 @@ impl Grid {
                     self.registry.link_onto(pid, &extra, now)
                 };
                 registry::Resolution {
-                    profile: pid,
-                    created: false,
                     linked,
-                    dropped: 0,
-                    dropped_ids: Vec::new(),
-                    merged: Vec::new(),
-                    conflict: false,
-                    refused: false,
+                    ..registry::Resolution::to(pid)
                 }
             }
             _ => return Err(not_found()),

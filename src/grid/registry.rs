@@ -37,6 +37,23 @@ pub struct Resolution {
     pub refused: bool,
 }
 
+impl Resolution {
+    /// A message going to `profile` with nothing created, linked, dropped or merged; the
+    /// other constructors start from it.
+    pub fn to(profile: ProfileId) -> Resolution {
+        Resolution {
+            profile,
+            created: false,
+            linked: Vec::new(),
+            dropped: 0,
+            dropped_ids: Vec::new(),
+            merged: Vec::new(),
+            conflict: false,
+            refused: false,
+        }
+    }
+}
+
 /// Why no profile could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
@@ -366,14 +383,9 @@ impl Registry {
         let mut owner = self.owners.entry(pid).or_default();
         match self.link_all(pid, &mut owner, ids, &all, now) {
             Some(linked) => Attempt::Done(Resolution {
-                profile: pid,
                 created: true,
                 linked,
-                dropped: 0,
-                dropped_ids: Vec::new(),
-                merged: Vec::new(),
-                conflict: false,
-                refused: false,
+                ..Resolution::to(pid)
             }),
             None => {
                 drop(owner);
@@ -392,14 +404,8 @@ impl Registry {
         }
         match self.link_all(pid, &mut owner, ids, unheld, now) {
             Some(linked) => Attempt::Done(Resolution {
-                profile: pid,
-                created: false,
                 linked,
-                dropped: 0,
-                dropped_ids: Vec::new(),
-                merged: Vec::new(),
-                conflict: false,
-                refused: false,
+                ..Resolution::to(pid)
             }),
             None => Attempt::Retry,
         }
@@ -501,21 +507,12 @@ impl Registry {
             let (uid, uid_owner) = find(user_id, IdType::USER_ID);
             let (prev, prev_owner) = find(previous_id, IdType::ANONYMOUS_ID);
             let refused = |profile: ProfileId| Resolution {
-                profile,
-                created: false,
-                linked: Vec::new(),
-                dropped: 0,
-                dropped_ids: Vec::new(),
-                merged: Vec::new(),
-                conflict: false,
                 refused: true,
+                ..Resolution::to(profile)
             };
             let attempt = match (uid_owner, prev_owner) {
                 (Some(a), Some(b)) if a == b || user_id == previous_id => {
-                    return Ok(Resolution {
-                        refused: false,
-                        ..refused(a)
-                    });
+                    return Ok(Resolution::to(a));
                 }
                 (Some(a), Some(b)) => {
                     // Two profiles: merge them into the older one, under the same limits
@@ -530,9 +527,8 @@ impl Registry {
                     }
                     self.merge_index(survivor, &[absorbed]);
                     return Ok(Resolution {
-                        refused: false,
                         merged: vec![absorbed],
-                        ..refused(survivor)
+                        ..Resolution::to(survivor)
                     });
                 }
                 (Some(p), None) | (None, Some(p)) => {
