@@ -51,6 +51,10 @@ struct Args {
     /// Share of messages that are identify calls of an anonymous user turning known.
     #[arg(long, default_value_t = 0.05)]
     transitions: f64,
+    /// Share of messages (identify / track) that carry a brand-new `anonymousId` beside
+    /// their `userId`, so the registry links a new identity to a known profile.
+    #[arg(long, default_value_t = 0.0)]
+    links: f64,
     /// First measure an in-process no-op server that only parses JSON.
     #[arg(long)]
     baseline: bool,
@@ -145,7 +149,16 @@ async fn receiver(port: u16) -> anyhow::Result<(String, Arc<Received>)> {
     Ok((format!("http://{addr}/hook"), seen))
 }
 
-fn message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) -> Value {
+fn message(rng: &mut impl Rng, zipf: &Zipf<f64>, args: &Args, n: u64) -> Value {
+    let mut m = base_message(rng, zipf, args.transitions, n);
+    if args.links > 0.0 && m["userId"].is_string() && rng.random::<f64>() < args.links {
+        // A device never seen before: one new identity linked to a known user.
+        m["anonymousId"] = json!(format!("dev-{n}-{:016x}", rng.random::<u64>()));
+    }
+    m
+}
+
+fn base_message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) -> Value {
     let user = zipf.sample(rng) as u64;
     let uid = format!("user-{user:08}");
     let anon = format!("anon-{user:08}");
@@ -198,11 +211,11 @@ async fn run(args: &Args, url: &str, key: &str) -> anyhow::Result<Report> {
                     break;
                 }
                 let (path, body) = if args.batch <= 1 {
-                    let m = message(&mut rng, &zipf, args.transitions, n);
+                    let m = message(&mut rng, &zipf, &args, n);
                     (format!("/v1/{}", m["type"].as_str().unwrap_or("track")), m)
                 } else {
                     let batch: Vec<Value> = (0..args.batch)
-                        .map(|i| message(&mut rng, &zipf, args.transitions, n + i as u64))
+                        .map(|i| message(&mut rng, &zipf, &args, n + i as u64))
                         .collect();
                     ("/v1/batch".to_owned(), json!({"batch": batch}))
                 };
@@ -280,12 +293,13 @@ async fn baseline_server() -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!(
-        "loadgen: {} connections, {} s, {} messages per request, {} users (zipf 1.1), {:.0}% anonymous-to-known",
+        "loadgen: {} connections, {} s, {} messages per request, {} users (zipf 1.1), {:.0}% anonymous-to-known, {:.0}% new identity links",
         args.connections,
         args.seconds,
         args.batch,
         args.users,
-        args.transitions * 100.0
+        args.transitions * 100.0,
+        args.links * 100.0
     );
     let hook = match args.receiver {
         Some(port) => {

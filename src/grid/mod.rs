@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Settings;
 use crate::domain::ids::ProfileId;
+use crate::domain::profile::Profile;
 use crate::error::{ErrorCode, Problem};
 use crate::store::log::{LogReader, LogRecord, Position};
 use catalog::Catalog;
@@ -111,7 +112,10 @@ impl Grid {
             settings: settings.clone(),
             registry: registry.clone(),
             clock: clock.clone(),
-            next_seq: Arc::new(AtomicU64::new(start_seq)),
+            next_seq: {
+                registry.seq.store(start_seq, Ordering::Release);
+                registry.seq.clone()
+            },
             catalog: Arc::new(Catalog::default()),
             data_dir: settings.data_dir.clone(),
             flusher: crate::store::flush::Flusher::start(),
@@ -395,46 +399,59 @@ impl Grid {
         cause: &str,
         cause_identities: &[crate::domain::identity::Identity],
     ) -> Result<(), Problem> {
+        let identities: Vec<serde_json::Value> = cause_identities
+            .iter()
+            .map(|i| serde_json::json!({"type": &*i.ty.name(), "value": &*i.value}))
+            .collect();
         for absorbed in merged {
             let (tx, rx) = oneshot::channel();
             self.shards[absorbed.shard() as usize].do_send(shard::TakeProfile {
                 profile: *absorbed,
                 reply: tx,
             });
-            let Some(state) = rx.await.map_err(|_| gone())?? else {
-                continue;
-            };
-            let keep = state.clone();
-            let identities: Vec<serde_json::Value> = cause_identities
-                .iter()
-                .map(|i| serde_json::json!({"type": &*i.ty.name(), "value": &*i.value}))
-                .collect();
-            let note = serde_json::json!({
-                "type": "merge",
-                "survivor": survivor.to_string(),
-                "absorbed": absorbed.to_string(),
-                "message_id": cause,
-                "identities": identities,
-                "rule": "a message carried identities of both profiles; the older profile survives",
-                "at": crate::segment::timefmt::format_ms(self.clock.now_ms()),
-            });
-            let (tx, rx) = oneshot::channel();
-            self.shards[survivor.shard() as usize].do_send(shard::AbsorbProfile {
-                profile: survivor,
-                absorbed: state,
-                note,
-                reply: tx,
-            });
-            if let Err(p) = rx.await.map_err(|_| gone()).and_then(|r| r) {
-                self.shards[absorbed.shard() as usize]
-                    .do_send(shard::ReturnProfile { profile: keep });
-                return Err(p);
+            // Not on its shard: the message creating it is still on its way, and will be
+            // sent on to the survivor (see `ApplyBatch`). The merge is recorded all the same,
+            // so `merged_from` and the forward survive restarts.
+            let taken = rx.await.map_err(|_| gone())??;
+            let held = taken.is_some();
+            let state = taken.unwrap_or_else(|| Profile::new(*absorbed, self.clock.now_ms()));
+            let mut into = survivor;
+            loop {
+                let keep = state.clone();
+                let note = serde_json::json!({
+                    "type": "merge",
+                    "survivor": into.to_string(),
+                    "absorbed": absorbed.to_string(),
+                    "message_id": cause,
+                    "identities": identities,
+                    "rule": "a message carried identities of both profiles; the older profile survives",
+                    "at": crate::segment::timefmt::format_ms(self.clock.now_ms()),
+                });
+                let (tx, rx) = oneshot::channel();
+                self.shards[into.shard() as usize].do_send(shard::AbsorbProfile {
+                    profile: into,
+                    absorbed: keep,
+                    note,
+                    reply: tx,
+                });
+                match rx.await.map_err(|_| gone()).and_then(|r| r) {
+                    Ok(None) => break,
+                    // The survivor was itself merged away meanwhile: follow it.
+                    Ok(Some(next)) => into = next,
+                    Err(p) => {
+                        if held {
+                            self.shards[absorbed.shard() as usize]
+                                .do_send(shard::ReturnProfile { profile: state });
+                        }
+                        return Err(p);
+                    }
+                }
             }
-            drop(keep);
             let (tx, rx) = oneshot::channel();
             self.shards[absorbed.shard() as usize].do_send(shard::ConfirmMergedAway {
                 profile: *absorbed,
-                into: survivor,
+                into,
+                held,
                 reply: tx,
             });
             rx.await.map_err(|_| gone())??;

@@ -8,6 +8,7 @@
 //! profile state: shards hold that and apply what the registry decided.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -35,6 +36,10 @@ pub struct Resolution {
     pub conflict: bool,
     /// A link was refused (alias over a limit): nothing was linked.
     pub refused: bool,
+    /// The message's accept sequence, taken while the registry's decision was still
+    /// exclusive (0: none taken), so decisions about one profile and their `seq`s come in
+    /// the same order whatever order the shards then receive the messages in.
+    pub seq: u64,
 }
 
 impl Resolution {
@@ -50,6 +55,7 @@ impl Resolution {
             merged: Vec::new(),
             conflict: false,
             refused: false,
+            seq: 0,
         }
     }
 }
@@ -85,6 +91,9 @@ pub struct Registry {
     shards: u16,
     /// Limits, priority, blocked values.
     rules: Arc<IdentityRules>,
+    /// The server-wide accept sequence (shared with the shards, which number their other
+    /// records from it too). Messages take theirs here, inside the decision that routes them.
+    pub seq: Arc<AtomicU64>,
 }
 
 impl Registry {
@@ -98,7 +107,15 @@ impl Registry {
             merge_lock: parking_lot::RwLock::new(()),
             shards,
             rules,
+            seq: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Takes the next accept sequence number for a decided resolution. Called while the
+    /// decision is still exclusive (the profile's owner entry or the merge lock held).
+    fn stamp(&self, mut r: Resolution) -> Resolution {
+        r.seq = self.seq.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     /// The identity rules in force.
@@ -348,7 +365,19 @@ impl Registry {
                 let survivor = distinct[0];
                 self.merge_index(survivor, &distinct[1..]);
                 merged.extend_from_slice(&distinct[1..]);
-                continue; // now one profile holds them all: link the rest below
+                // Link the rest within the same exclusive decision, so no other message
+                // can be decided between the merge and this message's links.
+                match self.try_link(survivor, &ids, &unheld, now) {
+                    Attempt::Done(mut r) => {
+                        r.dropped = dropped;
+                        r.dropped_ids = std::mem::take(&mut dropped_ids);
+                        r.merged = std::mem::take(&mut merged);
+                        return Ok(r);
+                    }
+                    // The limit check above covered the links; nothing else links while
+                    // the write lock is held. Should it happen, look again.
+                    Attempt::Drop(_) | Attempt::Retry => continue,
+                }
             }
             let outcome = match distinct.first() {
                 None => self.try_create(&ids, now),
@@ -382,11 +411,11 @@ impl Registry {
         let pid = ProfileId::new(now, self.shard_for(&ids[0]), rand::random());
         let mut owner = self.owners.entry(pid).or_default();
         match self.link_all(pid, &mut owner, ids, &all, now) {
-            Some(linked) => Attempt::Done(Resolution {
+            Some(linked) => Attempt::Done(self.stamp(Resolution {
                 created: true,
                 linked,
                 ..Resolution::to(pid)
-            }),
+            })),
             None => {
                 drop(owner);
                 self.owners.remove(&pid);
@@ -403,10 +432,10 @@ impl Registry {
             return Attempt::Drop(i);
         }
         match self.link_all(pid, &mut owner, ids, unheld, now) {
-            Some(linked) => Attempt::Done(Resolution {
+            Some(linked) => Attempt::Done(self.stamp(Resolution {
                 linked,
                 ..Resolution::to(pid)
-            }),
+            })),
             None => Attempt::Retry,
         }
     }
@@ -458,6 +487,7 @@ impl Registry {
             if ids.is_empty() {
                 return Vec::new();
             }
+            let _r = self.merge_lock.read();
             let unheld: Vec<usize> = (0..ids.len())
                 .filter(|&i| self.lookup(&ids[i]).is_none())
                 .collect();
@@ -504,19 +534,25 @@ impl Registry {
             )
         };
         loop {
+            // Decisions other than merges hold the merge lock for reading, so a merge never
+            // happens between the lookups and the decision.
+            let guard = self.merge_lock.read();
             let (uid, uid_owner) = find(user_id, IdType::USER_ID);
             let (prev, prev_owner) = find(previous_id, IdType::ANONYMOUS_ID);
-            let refused = |profile: ProfileId| Resolution {
-                refused: true,
-                ..Resolution::to(profile)
+            let refused = |profile: ProfileId| {
+                self.stamp(Resolution {
+                    refused: true,
+                    ..Resolution::to(profile)
+                })
             };
             let attempt = match (uid_owner, prev_owner) {
                 (Some(a), Some(b)) if a == b || user_id == previous_id => {
-                    return Ok(Resolution::to(a));
+                    return Ok(self.stamp(Resolution::to(a)));
                 }
                 (Some(a), Some(b)) => {
                     // Two profiles: merge them into the older one, under the same limits
                     // as identify; over a limit nothing is linked.
+                    drop(guard);
                     let _w = self.merge_lock.write();
                     if self.lookup(&uid) != Some(a) || self.lookup(&prev) != Some(b) {
                         continue; // changed meanwhile: look again
@@ -526,10 +562,10 @@ impl Registry {
                         return Ok(refused(a));
                     }
                     self.merge_index(survivor, &[absorbed]);
-                    return Ok(Resolution {
+                    return Ok(self.stamp(Resolution {
                         merged: vec![absorbed],
                         ..Resolution::to(survivor)
-                    });
+                    }));
                 }
                 (Some(p), None) | (None, Some(p)) => {
                     let ids = [uid.clone(), prev.clone()];
@@ -551,6 +587,7 @@ impl Registry {
                     }
                 }
             };
+            drop(guard);
             if let Attempt::Done(r) = attempt {
                 return Ok(r);
             }

@@ -231,7 +231,11 @@ impl Shard {
         for (id, seen) in r.linked {
             profile.add_identity(id, seen);
         }
-        let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+        // The registry numbered the message when it decided where it goes.
+        let seq = match r.seq {
+            0 => self.ctx.next_seq.fetch_add(1, Ordering::AcqRel),
+            s => s,
+        };
         let json = render_message(&m, seq);
         let name = m.event.clone().unwrap_or_default();
         let record = EventRecord {
@@ -653,13 +657,17 @@ impl Handler<ApplyBatch> for Shard {
         let mut moved = Vec::new();
         for mut item in msg.items {
             let pid = item.resolution.profile;
-            if !item.resolution.created && !self.profiles.contains_key(&pid) {
-                // Merged away after routing: the survivor's shard takes it.
-                if let Some(survivor) = self.ctx.registry.forward(pid) {
-                    item.resolution.profile = survivor;
-                    moved.push(item);
-                    continue;
-                }
+            if !self.profiles.contains_key(&pid)
+                && let Some(survivor) = self.ctx.registry.forward(pid)
+            {
+                // Merged away after routing — also a profile this very message created,
+                // when a merge absorbed it before the message got here (the merge found
+                // nothing to take, so the message carries the profile's whole start): the
+                // survivor's shard takes it.
+                item.resolution.profile = survivor;
+                item.resolution.created = false;
+                moved.push(item);
+                continue;
             }
             let r = self.apply_message(item.message, item.resolution, item.note, now);
             out.push((item.index, r));
@@ -1321,6 +1329,8 @@ pub struct ConfirmMergedAway {
     pub profile: ProfileId,
     /// The survivor.
     pub into: ProfileId,
+    /// Whether the profile was on this shard (not only decided by the registry).
+    pub held: bool,
     /// Answered once durable.
     pub reply: oneshot::Sender<Result<(), Problem>>,
 }
@@ -1340,7 +1350,9 @@ impl Handler<ConfirmMergedAway> for Shard {
             let _ = msg.reply.send(Err(io_problem(e)));
             return;
         }
-        metrics::gauge!("user360_profiles").decrement(1.0);
+        if msg.held {
+            metrics::gauge!("user360_profiles").decrement(1.0);
+        }
         let reply = msg.reply;
         self.commit_then(move |durable| {
             let _ = reply.send(durable);
@@ -1406,8 +1418,9 @@ pub struct AbsorbProfile {
     pub absorbed: Profile,
     /// What caused it (message id, identities, rule), as a JSON object.
     pub note: serde_json::Value,
-    /// Answered once durable.
-    pub reply: oneshot::Sender<Result<(), Problem>>,
+    /// Answered once durable; `Some(next)` when the survivor was merged away meanwhile
+    /// (nothing done: send the state on to `next`).
+    pub reply: oneshot::Sender<Result<Option<ProfileId>, Problem>>,
 }
 
 impl Handler<AbsorbProfile> for Shard {
@@ -1420,6 +1433,12 @@ impl Handler<AbsorbProfile> for Shard {
         }
         let now = self.ctx.clock.now_ms();
         let sid = msg.profile;
+        if !self.profiles.contains_key(&sid)
+            && let Some(next) = self.ctx.registry.forward(sid)
+        {
+            let _ = msg.reply.send(Ok(Some(next)));
+            return;
+        }
         let absorbed_id = msg.absorbed.id;
         let mut absorbed = msg.absorbed;
         absorbed.add_merge_note(msg.note.to_string());
@@ -1441,13 +1460,19 @@ impl Handler<AbsorbProfile> for Shard {
             .profiles
             .entry(sid)
             .or_insert_with(|| Profile::new(sid, now));
+        let mut result = Ok(());
         if !exists {
+            // Its creating message is still on the way (it finds the profile here).
             metrics::gauge!("user360_profiles").increment(1.0);
+            let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+            result = append_system(&mut self.log, survivor, s, "user.created", None, now);
         }
         survivor.absorb(absorbed, now);
         let s2 = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
         let props = serde_json::json!({"merged_from": [absorbed_id.to_string()]});
-        let result = append_system(&mut self.log, survivor, s2, "user.merged", Some(props), now);
+        let result = result.and_then(|()| {
+            append_system(&mut self.log, survivor, s2, "user.merged", Some(props), now)
+        });
         trim(survivor, &self.ctx.settings, now);
         metrics::counter!("user360_merges_total").increment(1);
         let reply = msg.reply;
@@ -1456,7 +1481,7 @@ impl Handler<AbsorbProfile> for Shard {
                 let _ = reply.send(Err(p));
             }
             Ok(()) => self.commit_then(move |durable| {
-                let _ = reply.send(durable);
+                let _ = reply.send(durable.map(|()| None));
             }),
         }
     }
