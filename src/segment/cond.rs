@@ -208,7 +208,7 @@ impl Window {
     }
 
     /// Whether instant `t` lies inside the window ending at `now_ms`.
-    fn contains(&self, t: i64, now_ms: i64) -> bool {
+    pub fn contains(&self, t: i64, now_ms: i64) -> bool {
         match *self {
             Window::Duration { ms } => now_ms.saturating_sub(ms) < t && t <= now_ms,
             Window::Since { ms } => ms <= t && t <= now_ms,
@@ -334,6 +334,28 @@ impl Comparison {
     }
 }
 
+impl Comparison {
+    /// The next instant after `now_ms` at which this comparison's result on `target` may
+    /// change with no change of the target: only time-relative operators
+    /// (`within_last`, `not_within_last`) have one. Timers re-check the rule then.
+    pub fn next_change<V: JsonView>(&self, target: Option<&V>, now_ms: i64) -> Option<i64> {
+        let Operand::Window(w) = &self.operand else {
+            return None;
+        };
+        let t = target_instant(target?)?;
+        let candidates = match *w {
+            // Inside while now − W < t ≤ now: it enters at t and leaves at t + W.
+            Window::Duration { ms } => [Some(t), t.checked_add(ms)],
+            Window::Since { .. } => [Some(t), None],
+        };
+        candidates
+            .into_iter()
+            .flatten()
+            .filter(|c| *c > now_ms)
+            .min()
+    }
+}
+
 /// {"property": PATH, "op": OP, "value": V}
 #[derive(Debug, Clone, PartialEq)]
 pub struct PropertyCondition {
@@ -418,7 +440,8 @@ pub struct CondError {
 }
 
 impl CondError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> CondError {
+    /// An error at `path` (a JSON path into the input) with a message naming the bad value.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> CondError {
         CondError {
             path: path.into(),
             message: message.into(),
@@ -627,7 +650,7 @@ fn op_names() -> String {
 }
 
 /// The JSON path of member `key` under `base`: `.key` for identifiers, `["key"]` otherwise.
-fn child_key(base: &str, key: &str) -> String {
+pub(crate) fn child_key(base: &str, key: &str) -> String {
     let mut chars = key.chars();
     let identifier = chars
         .next()
@@ -641,7 +664,7 @@ fn child_key(base: &str, key: &str) -> String {
 }
 
 /// A JSON rendering of a bad value for messages, cut short if long.
-fn show(v: &Value) -> String {
+pub(crate) fn show(v: &Value) -> String {
     let text = v.to_string();
     match text.char_indices().nth(SHOWN_MAX_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
@@ -649,7 +672,7 @@ fn show(v: &Value) -> String {
     }
 }
 
-fn show_str(s: &str) -> String {
+pub(crate) fn show_str(s: &str) -> String {
     show(&Value::from(s))
 }
 

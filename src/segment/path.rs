@@ -59,6 +59,12 @@ impl Path {
         &self.segments
     }
 
+    /// A path of exact keys (none empty), e.g. the tail of another path.
+    pub fn from_segments(segments: Vec<String>) -> Path {
+        debug_assert!(!segments.is_empty());
+        Path { segments }
+    }
+
     /// A one-key path (key taken literally), for callers that already hold a raw key.
     ///
     /// An empty key is allowed here, but its display (`""`) does not parse back.
