@@ -162,12 +162,14 @@ pub async fn run(
     ));
     let started = std::time::Instant::now();
     let snapshots = crate::store::snapshot::SnapshotStore::open(meta.db())?;
+    let definitions = crate::store::definitions::DefinitionStore::open(meta.db())?;
     let grid = Grid::start(
         settings.clone(),
         shards,
         registry,
         timers.clone(),
         snapshots,
+        definitions,
     )
     .await
     .context("cannot recover the data dir")?;

@@ -11,6 +11,7 @@ pub mod events;
 pub mod ingest;
 pub mod ops;
 pub mod profiles;
+pub mod segments;
 pub mod snapshots;
 
 use std::sync::{Arc, OnceLock};
@@ -79,6 +80,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batch", post(ingest::batch))
         .route("/v1/import", post(ingest::batch))
         .route("/v1/profiles", get(profiles::list))
+        .route("/v1/profiles/query", post(segments::query))
+        .route("/v1/segments", get(segments::list).post(segments::create))
+        .route("/v1/segments/preview", post(segments::preview))
+        .route(
+            "/v1/segments/{id}",
+            get(segments::get_one)
+                .put(segments::replace)
+                .delete(segments::delete),
+        )
+        .route("/v1/segments/{id}/members", get(segments::members))
         .route(
             "/v1/profiles/{key}",
             get(profiles::get_one).delete(profiles::delete),

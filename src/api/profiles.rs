@@ -38,6 +38,19 @@ pub fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
     }
 }
 
+/// Parses the `cursor` of a profile listing (the last id of the previous page).
+pub fn parse_cursor(q: &HashMap<String, String>) -> Result<Option<ProfileId>, ApiError> {
+    match q.get("cursor").filter(|c| !c.is_empty()) {
+        None => Ok(None),
+        Some(c) => c.parse::<ProfileId>().map(Some).map_err(|_| {
+            ApiError::field(
+                "cursor",
+                format!("cursor {c:?} is not one this server gave out"),
+            )
+        }),
+    }
+}
+
 /// `GET /v1/profiles/{key}`
 pub async fn get_one(
     State(app): State<Arc<AppState>>,
@@ -63,8 +76,19 @@ pub async fn segments(
 ) -> Result<Response, ApiError> {
     let svc = app.admin(&headers)?;
     let pk = ProfileKey::parse(&key)?;
-    svc.grid.find(&pk).ok_or_else(|| no_profile(&key))?;
-    Ok(Json(serde_json::json!({"segments": []})).into_response())
+    let id = svc.grid.find(&pk).ok_or_else(|| no_profile(&key))?;
+    let list = svc
+        .grid
+        .profile_segments(id)
+        .await
+        .ok_or_else(|| no_profile(&key))?;
+    let segments: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|(id, name, since)| {
+            serde_json::json!({"id": &*id, "name": &*name, "since": crate::segment::timefmt::format_ms(since)})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"segments": segments})).into_response())
 }
 
 /// `GET /v1/profiles/{key}/merges`
@@ -91,19 +115,17 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let svc = app.admin(&headers)?;
     let limit = parse_limit(&q)?;
-    if let Some(seg) = q.get("segment") {
-        return Err(ApiError::not_found(format!("no segment with id {seg:?}")));
-    }
-    let after = match q.get("cursor").filter(|c| !c.is_empty()) {
+    let segment = match q.get("segment").filter(|s| !s.is_empty()) {
         None => None,
-        Some(c) => Some(c.parse::<ProfileId>().map_err(|_| {
-            ApiError::field(
-                "cursor",
-                format!("cursor {c:?} is not one this server gave out"),
-            )
-        })?),
+        Some(seg) => Some(
+            svc.grid
+                .segments
+                .find(seg)
+                .ok_or_else(|| ApiError::not_found(format!("no segment has the id {seg:?}")))?,
+        ),
     };
-    let ids = svc.grid.list_profiles(after, limit + 1).await;
+    let after = parse_cursor(&q)?;
+    let ids = svc.grid.list_profiles(segment, after, limit + 1).await;
     let more = ids.len() > limit;
     let ids = &ids[..ids.len().min(limit)];
     let profiles = svc.grid.profiles_json(ids).await;

@@ -11,6 +11,8 @@ use super::event::{EventKind, EventRef};
 use super::identity::{IdType, Identity};
 use super::ids::ProfileId;
 use super::value::{Sym, Value, trait_keys};
+use crate::segment::compile::{SegIdx, SpecId, Subject};
+use crate::segment::counter::{Counter, CounterSpec};
 use crate::segment::timefmt::format_ms;
 
 /// An identity held by a profile, with when it was first seen.
@@ -118,6 +120,11 @@ pub struct Profile {
     pub merged_from: Vec<ProfileId>,
     /// Merges into this profile, as the JSON objects `GET …/merges` lists (rare, so boxed).
     pub merge_notes: Option<Box<Vec<Box<str>>>>,
+    /// Segments it is a member of: (segment index, since), sorted by index.
+    pub memberships: Vec<(SegIdx, i64)>,
+    /// Event counters of the segment rules in force: (spec id, counter), sorted by id;
+    /// absent means nothing counted.
+    pub counters: Vec<(SpecId, Counter)>,
 }
 
 /// Size a slot adds to the JSON object: `"key":value,`.
@@ -147,13 +154,77 @@ impl Profile {
             events: Vec::new(),
             merged_from: Vec::new(),
             merge_notes: None,
+            memberships: Vec::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    /// Since when the profile is a member of a segment.
+    pub fn member_since(&self, seg: SegIdx) -> Option<i64> {
+        self.memberships
+            .binary_search_by_key(&seg, |m| m.0)
+            .ok()
+            .map(|i| self.memberships[i].1)
+    }
+
+    /// Records (true) or ends (false) a membership; returns whether anything changed.
+    pub fn set_member(&mut self, seg: SegIdx, member: bool, since: i64) -> bool {
+        match (self.memberships.binary_search_by_key(&seg, |m| m.0), member) {
+            (Ok(_), true) | (Err(_), false) => false,
+            (Err(i), true) => {
+                self.memberships.insert(i, (seg, since));
+                true
+            }
+            (Ok(i), false) => {
+                self.memberships.remove(i);
+                true
+            }
+        }
+    }
+
+    /// The counter for a spec, created empty if absent.
+    pub fn counter_mut(&mut self, spec: SpecId, empty: impl FnOnce() -> Counter) -> &mut Counter {
+        let i = match self.counters.binary_search_by_key(&spec, |c| c.0) {
+            Ok(i) => i,
+            Err(i) => {
+                self.counters.insert(i, (spec, empty()));
+                i
+            }
+        };
+        &mut self.counters[i].1
+    }
+
+    /// Replaces (Some) or drops (None) the counter for a spec.
+    pub fn set_counter(&mut self, spec: SpecId, counter: Option<Counter>) {
+        match (
+            self.counters.binary_search_by_key(&spec, |c| c.0),
+            counter.filter(|c| !c.is_empty()),
+        ) {
+            (Ok(i), Some(c)) => self.counters[i].1 = c,
+            (Ok(i), None) => {
+                self.counters.remove(i);
+            }
+            (Err(i), Some(c)) => self.counters.insert(i, (spec, c)),
+            (Err(_), None) => {}
         }
     }
 
     /// Takes in a profile merged into this one: events combined in time order, traits
     /// newest-wins by key time (ties keep this profile's), identities united, times
-    /// widened, and the absorbed id (and everything it had absorbed) in `merged_from`.
-    pub fn absorb(&mut self, other: Profile, now: i64) {
+    /// widened, event counters added up (`spec` gives what each counts; unknown ones are
+    /// dropped), and the absorbed id (and everything it had absorbed) in `merged_from`.
+    /// The absorbed profile's memberships end: the survivor's are re-evaluated.
+    pub fn absorb(
+        &mut self,
+        other: Profile,
+        now: i64,
+        spec: &dyn Fn(SpecId) -> Option<std::sync::Arc<CounterSpec>>,
+    ) {
+        for (id, c) in other.counters {
+            if let Some(s) = spec(id) {
+                self.counter_mut(id, || s.empty()).absorb(c, &s);
+            }
+        }
         for h in other.identities {
             self.add_identity(h.identity, h.first_seen);
         }
@@ -393,7 +464,7 @@ impl Profile {
     }
 
     /// A view that serialises as the API's profile object.
-    pub fn view<'a>(&'a self, segments: &'a [String]) -> ProfileView<'a> {
+    pub fn view<'a>(&'a self, segments: &'a [&'a str]) -> ProfileView<'a> {
         ProfileView {
             profile: self,
             segments,
@@ -403,6 +474,27 @@ impl Profile {
     /// Traits as the API shows them (sorted by key; tombstones left out).
     pub fn traits_view(&self) -> TraitsView<'_> {
         TraitsView(self)
+    }
+}
+
+impl Subject for Profile {
+    fn trait_value(&self, key: Sym) -> Option<&Value> {
+        Profile::trait_value(self, key)
+    }
+
+    fn has_identity(&self, ty: IdType) -> bool {
+        self.identities.iter().any(|h| h.identity.ty == ty)
+    }
+
+    fn counter(&self, spec: SpecId) -> Option<&Counter> {
+        self.counters
+            .binary_search_by_key(&spec, |c| c.0)
+            .ok()
+            .map(|i| &self.counters[i].1)
+    }
+
+    fn member_of(&self, seg: SegIdx) -> bool {
+        self.memberships.binary_search_by_key(&seg, |m| m.0).is_ok()
     }
 }
 
@@ -442,7 +534,7 @@ impl Serialize for TraitsView<'_> {
 /// The profile object of the API.
 pub struct ProfileView<'a> {
     profile: &'a Profile,
-    segments: &'a [String],
+    segments: &'a [&'a str],
 }
 
 impl Serialize for ProfileView<'_> {

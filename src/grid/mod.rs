@@ -8,13 +8,16 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod membership;
 pub mod registry;
+pub mod segment_actor;
+pub mod segments;
 pub mod shard;
 pub mod snapshot;
 pub mod timer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use actix::{Actor, Addr, Arbiter};
 use tokio::sync::oneshot;
@@ -64,10 +67,14 @@ pub struct Grid {
     pub snapshots: crate::store::snapshot::SnapshotStore,
     /// One snapshot (or backup download) at a time.
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Segment definitions, compiled rules and segment actors.
+    pub segments: segments::Segments,
+    /// Wall time of the last snapshot (periodic snapshots follow wall time).
+    last_snapshot_wall: AtomicI64,
 }
 
 /// The actor is gone: only during shutdown.
-fn gone() -> Problem {
+pub(crate) fn gone() -> Problem {
     Problem::new(ErrorCode::Unavailable, "the server is shutting down")
 }
 
@@ -80,6 +87,7 @@ impl Grid {
         registry: Arc<Registry>,
         timers: Arc<Timers>,
         snapshots: crate::store::snapshot::SnapshotStore,
+        definitions: crate::store::definitions::DefinitionStore,
     ) -> anyhow::Result<Arc<Grid>> {
         let clock = timers.clock().clone();
         let d = &settings.dedup;
@@ -95,7 +103,9 @@ impl Grid {
         };
         let mut per_shard: Vec<Vec<_>> = (0..shard_count).map(|_| Vec::new()).collect();
         let mut start_seq = 1;
+        let mut snapshot_definitions = None;
         if let Some(l) = loaded {
+            snapshot_definitions = l.definitions;
             tracing::info!(
                 snapshot = l.manifest.id,
                 profiles = l.manifest.profiles(),
@@ -108,6 +118,10 @@ impl Grid {
             start_seq = l.manifest.next_seq;
             per_shard = l.shards;
         }
+        let segments =
+            segments::Segments::open(definitions, snapshot_definitions, settings.stream.buffer)?;
+        let (notify, changes) = tokio::sync::mpsc::unbounded_channel();
+        let reader = Arc::new(LogReader::new(&settings.data_dir));
         let ctx = Arc::new(ShardContext {
             settings: settings.clone(),
             registry: registry.clone(),
@@ -120,6 +134,9 @@ impl Grid {
             data_dir: settings.data_dir.clone(),
             flusher: crate::store::flush::Flusher::start(),
             dedup: dedup.clone(),
+            reader: reader.clone(),
+            timers: timers.clone(),
+            notify,
         });
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))
@@ -167,7 +184,7 @@ impl Grid {
             failed,
             arbiters: parking_lot::Mutex::new(arbiters),
             registry,
-            reader: Arc::new(LogReader::new(&settings.data_dir)),
+            reader,
             clock,
             timers,
             catalog: ctx.catalog.clone(),
@@ -176,8 +193,11 @@ impl Grid {
             snapshots,
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
             settings,
+            segments,
+            last_snapshot_wall: AtomicI64::new(clock::wall_ms()),
         });
         grid.drop_absorbed().await;
+        grid.start_segments(changes).await;
         grid.schedule_retention();
         grid.schedule_snapshots();
         grid.watch_disk();
@@ -199,6 +219,8 @@ impl Grid {
         self: &Arc<Self>,
     ) -> Result<crate::store::snapshot::Manifest, crate::store::snapshot::SnapshotError> {
         let _one = self.snapshot_lock.lock().await;
+        self.last_snapshot_wall
+            .store(clock::wall_ms(), Ordering::Release);
         snapshot::take(self, &self.snapshots).await
     }
 
@@ -214,8 +236,15 @@ impl Grid {
             Box::new(move |_| {
                 Box::pin(async move {
                     if let Some(grid) = weak.upgrade() {
-                        if let Err(e) = grid.snapshot().await {
-                            tracing::error!(error = %e, "periodic snapshot failed");
+                        // A manual clock moved days ahead passes hundreds of these at once:
+                        // snapshots bound recovery time, which is wall time, so take one
+                        // only when the last is an interval of wall time old.
+                        let wall = clock::wall_ms();
+                        let last = grid.last_snapshot_wall.load(Ordering::Acquire);
+                        if wall - last >= every {
+                            if let Err(e) = grid.snapshot().await {
+                                tracing::error!(error = %e, "periodic snapshot failed");
+                            }
                         }
                         grid.schedule_snapshots();
                     }
@@ -489,6 +518,18 @@ impl Grid {
         }
     }
 
+    /// A profile's segments: (id, name, since); None when it does not exist.
+    pub async fn profile_segments(&self, id: ProfileId) -> Option<Vec<(Arc<str>, Arc<str>, i64)>> {
+        let (tx, rx) = oneshot::channel();
+        self.shards
+            .get(id.shard() as usize)?
+            .do_send(shard::segments::ProfileSegments {
+                profile: id,
+                reply: tx,
+            });
+        rx.await.ok().flatten()
+    }
+
     /// The merges that touched a profile (`GET /v1/profiles/{key}/merges`).
     pub async fn merges(&self, id: ProfileId) -> Option<Vec<String>> {
         let (tx, rx) = oneshot::channel();
@@ -581,6 +622,7 @@ impl Grid {
     pub fn read_event(&self, pos: Position) -> std::io::Result<String> {
         match self.reader.read(pos)? {
             LogRecord::Event(e) => Ok(e.json),
+            LogRecord::Membership(m) => Ok(m.event.json),
             other => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
@@ -591,12 +633,19 @@ impl Grid {
         }
     }
 
-    /// Profile ids in ascending order after `after` (k-way merge of the shards' ranges).
-    pub async fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Vec<ProfileId> {
+    /// Profile ids in ascending order after `after` (k-way merge of the shards' ranges),
+    /// optionally only members of a segment.
+    pub async fn list_profiles(
+        &self,
+        segment: Option<crate::segment::compile::SegIdx>,
+        after: Option<ProfileId>,
+        limit: usize,
+    ) -> Vec<ProfileId> {
         let mut waits = Vec::with_capacity(self.shards.len());
         for addr in &self.shards {
             let (tx, rx) = oneshot::channel();
             addr.do_send(ListProfiles {
+                segment,
                 after,
                 limit,
                 reply: tx,

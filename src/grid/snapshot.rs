@@ -88,6 +88,8 @@ pub fn encode_chunk<'a>(
                 .as_ref()
                 .map(|n| n.iter().map(|x| x.to_string()).collect())
                 .unwrap_or_default(),
+            memberships: p.memberships.clone(),
+            counters: p.counters.clone(),
         })
         .collect();
     let system_log = system_log.iter().map(|(p, e)| (p.0, event(e))).collect();
@@ -95,6 +97,7 @@ pub fn encode_chunk<'a>(
         names,
         profiles,
         system_log,
+        specs_json: String::new(),
     }
 }
 
@@ -148,6 +151,8 @@ pub fn decode_chunk(chunk: ShardChunk) -> (Vec<Profile>, Vec<(ProfileId, EventRe
             p.set_traits(traits);
             p.events = s.events.iter().map(event).collect();
             p.merged_from = s.merged_from.into_iter().map(ProfileId).collect();
+            p.memberships = s.memberships;
+            p.counters = s.counters;
             if !s.merge_notes.is_empty() {
                 p.merge_notes = Some(Box::new(
                     s.merge_notes
@@ -177,6 +182,8 @@ pub struct Loaded {
     pub dedup: DedupSection,
     /// Suppressed identity fingerprints.
     pub suppressed: Vec<u128>,
+    /// The definitions (segments, ...) as JSON, when the snapshot holds them.
+    pub definitions: Option<String>,
 }
 
 /// Loads the newest snapshot whose every part checks out; older ones are tried in turn.
@@ -215,11 +222,16 @@ fn load(store: &SnapshotStore, manifest: &Manifest, shards: u16) -> Result<Loade
         Some(s) => store.section(manifest.id, s)?,
         None => Vec::new(),
     };
+    let definitions = match manifest.sections.iter().find(|s| s.name == "definitions") {
+        Some(s) => Some(store.section::<String>(manifest.id, s)?),
+        None => None,
+    };
     Ok(Loaded {
         manifest: manifest.clone(),
         shards: by_shard,
         dedup,
         suppressed,
+        definitions,
     })
 }
 
@@ -329,11 +341,13 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
         ids: grid.dedup.export(grid.clock.now_ms()),
     };
     let suppressed = grid.registry.suppressed_list();
+    let definitions = grid.segments.definitions_json();
     let store2 = store.clone();
     let sections = tokio::task::spawn_blocking(move || {
         Ok::<_, SnapshotError>(vec![
             store2.put_section(id, "dedup", &dedup)?,
             store2.put_section(id, "suppressed", &suppressed)?,
+            store2.put_section(id, "definitions", &definitions)?,
         ])
     })
     .await

@@ -11,5 +11,6 @@ pub mod cond;
 pub mod counter;
 pub mod path;
 pub mod rule;
+pub mod set;
 pub mod timefmt;
 pub mod value_view;

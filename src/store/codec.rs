@@ -3,11 +3,17 @@
 //! bincode 2.x with a leading format-version byte. bincode is unmaintained, so nothing
 //! else in the crate names it: swapping the encoding means editing this file and bumping
 //! [`FORMAT_VERSION`] (old versions stay decodable here).
+//!
+//! Versions: 1 (first release of the log and snapshots); 2 adds segment state — log
+//! records for memberships, counter installs and counter values, and memberships, counters
+//! and counter specs in snapshot chunks. Types whose layout changed (log records, snapshot
+//! chunks) decode version-1 bytes through [`decode_evolved`] and their `v1` forms
+//! (`store::compat`); every other type is laid out the same in both versions.
 
 use bincode::{Decode, Encode};
 
 /// Version byte written before every encoded value.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +44,7 @@ pub fn encode_into<T: Encode>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecE
         .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
-/// Decodes a value written by [`encode_into`].
-pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != FORMAT_VERSION {
-        return Err(CodecError::UnknownVersion(version));
-    }
+fn decode_exact<T: Decode<()>>(rest: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::decode_from_slice(rest, config())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != rest.len() {
@@ -53,6 +54,29 @@ pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, CodecError> {
         )));
     }
     Ok(value)
+}
+
+/// Decodes a value written by [`encode_into`], of a type laid out the same in every
+/// version.
+pub fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    decode_exact(rest)
+}
+
+/// Decodes a value of a type whose layout changed in version 2: version-1 bytes decode as
+/// `V1` and convert.
+pub fn decode_evolved<T: Decode<()>, V1: Decode<()> + Into<T>>(
+    bytes: &[u8],
+) -> Result<T, CodecError> {
+    let (&version, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    match version {
+        1 => decode_exact::<V1>(rest).map(Into::into),
+        FORMAT_VERSION => decode_exact(rest),
+        v => Err(CodecError::UnknownVersion(v)),
+    }
 }
 
 #[cfg(test)]

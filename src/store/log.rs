@@ -130,7 +130,43 @@ pub struct AbsorbedRecord {
     pub state: crate::store::snapshot::ShardChunk,
 }
 
-/// Every kind of state change a shard logs.
+/// A profile entered or left a segment: the `segment.entered` / `segment.exited` event
+/// of its timeline, and the membership change itself for replay.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct MembershipRecord {
+    /// The standard event (its `seq` is the change sequence).
+    pub event: EventRecord,
+    /// The segment's internal index.
+    pub segment: u32,
+    /// Entered (true) or left.
+    pub entered: bool,
+}
+
+/// The counters this shard keeps from here on (after a segment was created, changed or
+/// deleted), so replay counts events exactly as the live shard did.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct InstallRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// `[[spec id, spec], ...]` as JSON (`segment::counter::SpecDef`).
+    pub specs_json: String,
+}
+
+/// A profile's counter for one spec, recomputed from its retained events (backfill).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct CounterRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// The profile.
+    pub profile: u128,
+    /// The spec id.
+    pub spec: u32,
+    /// The counter (None: nothing counted).
+    pub counter: Option<crate::segment::counter::Counter>,
+}
+
+/// Every kind of state change a shard logs. New variants go at the end (older records
+/// keep their encoding).
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum LogRecord {
     /// An event on a timeline.
@@ -143,10 +179,17 @@ pub enum LogRecord {
     MergedAway(MergedAwayRecord),
     /// Another profile was merged into this one.
     Absorbed(AbsorbedRecord),
+    /// A segment membership change (with its timeline event).
+    Membership(MembershipRecord),
+    /// The counters kept from here on.
+    Install(InstallRecord),
+    /// A counter recomputed by a backfill.
+    Counter(CounterRecord),
 }
 
 impl LogRecord {
     /// The profile the record is about.
+    /// (0 for install records, which are about the whole shard).
     pub fn profile(&self) -> u128 {
         match self {
             LogRecord::Event(r) => r.profile,
@@ -154,6 +197,18 @@ impl LogRecord {
             LogRecord::Delete(r) => r.profile,
             LogRecord::MergedAway(r) => r.profile,
             LogRecord::Absorbed(r) => r.profile,
+            LogRecord::Membership(r) => r.event.profile,
+            LogRecord::Install(_) => 0,
+            LogRecord::Counter(r) => r.profile,
+        }
+    }
+
+    /// The timeline event a record carries (events and membership changes).
+    pub fn event(&self) -> Option<&EventRecord> {
+        match self {
+            LogRecord::Event(e) => Some(e),
+            LogRecord::Membership(m) => Some(&m.event),
+            _ => None,
         }
     }
 
@@ -165,6 +220,9 @@ impl LogRecord {
             LogRecord::Delete(r) => r.seq,
             LogRecord::MergedAway(r) => r.seq,
             LogRecord::Absorbed(r) => r.seq,
+            LogRecord::Membership(r) => r.event.seq,
+            LogRecord::Install(r) => r.seq,
+            LogRecord::Counter(r) => r.seq,
         }
     }
 }
@@ -336,7 +394,7 @@ impl ShardLog {
         let crc = crc32fast::hash(&self.pending[start + 8..]);
         self.pending[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.pending[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        if let LogRecord::Event(e) = record {
+        if let Some(e) = record.event() {
             let mut metas = self.segments.write();
             if let Some(m) = metas.last_mut() {
                 m.min_ts = m.min_ts.min(e.ts_ms);
@@ -519,7 +577,7 @@ fn scan_file(path: &Path, start: u64, mut f: impl FnMut(u64, LogRecord)) -> io::
         if crc32fast::hash(&buf) != crc {
             return Ok(offset);
         }
-        match codec::decode::<LogRecord>(&buf) {
+        match codec::decode_evolved::<LogRecord, super::compat::v1::LogRecord>(&buf) {
             Ok(rec) => f(offset, rec),
             Err(_) => return Ok(offset),
         }
@@ -579,7 +637,8 @@ impl LogReader {
                 format!("checksum mismatch at shard {shard} segment {segment} offset {offset}"),
             ));
         }
-        codec::decode(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        codec::decode_evolved::<LogRecord, super::compat::v1::LogRecord>(&buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 

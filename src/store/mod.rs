@@ -7,6 +7,8 @@
 
 pub mod backup;
 pub mod codec;
+pub mod compat;
+pub mod definitions;
 pub mod flush;
 pub mod log;
 pub mod meta;

@@ -51,6 +51,10 @@ pub struct ProfileSnap {
     pub merged_from: Vec<u128>,
     /// Merge notes (JSON objects).
     pub merge_notes: Vec<String>,
+    /// Segment memberships: (segment index, since).
+    pub memberships: Vec<(u32, i64)>,
+    /// Event counters: (spec id, counter).
+    pub counters: Vec<(u32, crate::segment::counter::Counter)>,
 }
 
 /// A slice of one shard's profiles (ascending ids), with the log position it covers.
@@ -62,6 +66,9 @@ pub struct ShardChunk {
     pub profiles: Vec<ProfileSnap>,
     /// Standard events of no live profile (`user.deleted`), in the shard's last chunk.
     pub system_log: Vec<(u128, EventRefSnap)>,
+    /// The counters the shard kept when the chunk was cut (`[[id, spec], ...]` as JSON);
+    /// replay from the chunk's position counts with these until an install record.
+    pub specs_json: String,
 }
 
 /// Where a chunk sits and what it covers.
@@ -324,7 +331,8 @@ impl SnapshotStore {
                 info.shard, info.index
             )));
         }
-        codec::decode(&bytes).map_err(|e| damaged(e.to_string()))
+        codec::decode_evolved::<ShardChunk, super::compat::v1::ShardChunk>(&bytes)
+            .map_err(|e| damaged(e.to_string()))
     }
 
     /// Reads and checks one section.

@@ -3,21 +3,26 @@
 //!
 //! Owns the profiles of its shard (a `BTreeMap`, so listing and export walk ids in order)
 //! and its segment of the log. Everything that changes a profile goes through here and is
-//! appended to the log in the same step. Requests arrive as one message per shard per HTTP
-//! request (`do_send` with a oneshot reply), never one per event.
+//! appended to the log in the same step — including the segment membership changes it
+//! causes (evaluated here, where the data is; see [`segments`]). Requests arrive as one
+//! message per shard per HTTP request (`do_send` with a oneshot reply), never one per event.
+
+pub mod segments;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use actix::{Actor, Context, Handler, Message as ActixMessage};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, Message as ActixMessage};
 use tokio::sync::oneshot;
 
 use super::catalog::Catalog;
 use super::clock::Clock;
+use super::membership::{MembershipChanged, Reason};
 use super::registry::{Registry, Resolution};
+use super::timer::{TimerId, Timers};
 use crate::config::Settings;
 use crate::domain::event::{EventKind, EventOut, EventRef, event_names, ts};
 use crate::domain::identity::{IdType, Identity};
@@ -26,9 +31,12 @@ use crate::domain::message::Message;
 use crate::domain::profile::{Profile, TraitChange, TraitLimits, TraitTime};
 use crate::domain::value::trait_keys;
 use crate::error::{ErrorCode, Problem};
+use crate::segment::compile::SegIdx;
+use crate::segment::set::{RuleSet, SpecSet};
 use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
-    DeleteRecord, EventRecord, LinkedIdentity, LogRecord, PatchRecord, Position, ShardLog,
+    DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, PatchRecord, Position,
+    ShardLog,
 };
 use crate::store::snapshot::{ChunkInfo, ShardChunk};
 
@@ -50,6 +58,12 @@ pub struct ShardContext {
     pub flusher: Flusher,
     /// Accepted messageIds (restored from snapshots and the log at start).
     pub dedup: Arc<crate::ingest::dedup::Dedup>,
+    /// Random-access reads of every shard's log (backfills read retained events).
+    pub reader: Arc<LogReader>,
+    /// Deferred actions (time re-checks of segment windows).
+    pub timers: Arc<Timers>,
+    /// Where membership changes go once durable (the segment actors' hub).
+    pub notify: tokio::sync::mpsc::UnboundedSender<Vec<MembershipChanged>>,
 }
 
 /// One shard.
@@ -77,6 +91,28 @@ pub struct Shard {
     limits: TraitLimits,
     /// Whether each step waits for the disk.
     sync: bool,
+    /// Segments in force (compiled once, shared read-only by every shard).
+    rules: Arc<RuleSet>,
+    /// The counters this shard keeps: what its log's install records say, so replay
+    /// counts exactly what the live shard counted.
+    specs: SpecSet,
+    /// A segment backfill in progress (after a segment was created or changed).
+    backfill: Option<segments::Backfill>,
+    /// Time re-checks of segment windows: (due, profile).
+    schedule: BTreeSet<(i64, ProfileId)>,
+    /// Each scheduled profile's due instant.
+    due_of: HashMap<ProfileId, i64>,
+    /// The timer armed for the earliest re-check: (due, timer).
+    armed: Option<(i64, TimerId)>,
+    /// This actor's address, for the timers that wake it.
+    addr: Option<Addr<Shard>>,
+    /// Profiles whose records were replayed at start: re-evaluated once rules arrive (a
+    /// crash can cut a step between an event and the membership change it caused).
+    replayed: HashSet<ProfileId>,
+    /// Membership changes of the current step, announced once it is durable.
+    notices: Vec<MembershipChanged>,
+    /// Memberships of profiles handed over to a merge, until it confirms or gives back.
+    leaving: HashMap<ProfileId, Vec<(SegIdx, i64)>>,
 }
 
 /// Size at which a log segment is rolled.
@@ -95,6 +131,11 @@ impl Shard {
         let mut profiles = BTreeMap::new();
         let mut system_log = Vec::new();
         let mut covers: Vec<(Option<u128>, Position)> = Vec::with_capacity(snapshot.len());
+        // Replay starts at the first chunk's position, with the counters kept then.
+        let mut specs = snapshot
+            .first()
+            .map(|(_, c)| segments::specs_from_json(&c.specs_json))
+            .unwrap_or_default();
         for (info, chunk) in snapshot {
             let (ps, sys) = super::snapshot::decode_chunk(chunk);
             for p in ps {
@@ -130,6 +171,7 @@ impl Shard {
         };
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
+        let mut touched = HashSet::new();
         let log = ShardLog::open(&ctx.data_dir, id, SEGMENT_BYTES, from, |pos, rec| {
             ctx.next_seq.fetch_max(rec.seq() + 1, Ordering::AcqRel);
             if let LogRecord::Event(e) = &rec
@@ -137,9 +179,23 @@ impl Shard {
             {
                 ctx.dedup.restore(e.dedup_hash, e.received_ms);
             }
+            if let LogRecord::Install(i) = &rec {
+                // About the whole shard: counters kept from this position on.
+                specs = segments::specs_from_json(&i.specs_json);
+                return;
+            }
             if pos >= covering(rec.profile()) {
                 replayed += 1;
-                replay(&ctx, &mut profiles, &mut system_log, limits, pos, rec);
+                touched.insert(ProfileId(rec.profile()));
+                replay(
+                    &ctx,
+                    &mut profiles,
+                    &mut system_log,
+                    &specs,
+                    limits,
+                    pos,
+                    rec,
+                );
             }
         })?;
         if replayed > 0 {
@@ -167,6 +223,16 @@ impl Shard {
             depth,
             failed,
             sync_failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            rules: Arc::new(RuleSet::default()),
+            specs,
+            backfill: None,
+            schedule: BTreeSet::new(),
+            due_of: HashMap::new(),
+            armed: None,
+            addr: None,
+            replayed: touched,
+            notices: Vec::new(),
+            leaving: HashMap::new(),
         })
     }
 
@@ -210,6 +276,7 @@ impl Shard {
             None => None,
         };
 
+        let mut touched = segments::Touched::default();
         let profile = self
             .profiles
             .entry(pid)
@@ -217,8 +284,17 @@ impl Shard {
         if !exists {
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             append_system(&mut self.log, profile, seq, "user.created", None, now)?;
+            segments::count_system(
+                &self.specs,
+                profile,
+                "user.created",
+                None,
+                now,
+                &mut touched,
+            );
             metrics::gauge!("user360_profiles").increment(1.0);
         }
+        touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
         let linked: Vec<LinkedIdentity> = r
             .linked
             .iter()
@@ -261,6 +337,17 @@ impl Shard {
         profile.add_event(event_ref(&record, pos));
         metrics::counter!("user360_events_stored_total").increment(1);
         profile.updated_at = now;
+        if let Some(name) = m.event.as_deref() {
+            super::membership::count_event(
+                &self.specs,
+                profile,
+                name,
+                m.timestamp_ms,
+                m.properties.as_ref(),
+                now,
+                &mut touched.specs,
+            );
+        }
         if let Some(plan) = plan {
             let changes = profile.commit_traits(plan, now);
             record_changes(
@@ -270,10 +357,11 @@ impl Shard {
                 profile,
                 &changes,
                 now,
+                (&self.specs, &mut touched),
             )?;
         }
         trim(profile, &self.ctx.settings, now);
-        Ok(())
+        self.settle(pid, &touched, now)
     }
 
     /// Writes this step's records to the OS, then runs `answer` once they are durable
@@ -282,9 +370,19 @@ impl Shard {
     fn commit_then(&mut self, answer: impl FnOnce(Result<(), Problem>) + Send + 'static) {
         if let Err(e) = self.log.write_pending() {
             self.fail(&e);
+            self.notices.clear();
             answer(Err(io_problem(e)));
             return;
         }
+        // Membership changes of this step reach the segment actors only once durable.
+        let notices = std::mem::take(&mut self.notices);
+        let notify = self.ctx.notify.clone();
+        let answer = move |r: Result<(), Problem>| {
+            if r.is_ok() && !notices.is_empty() {
+                let _ = notify.send(notices);
+            }
+            answer(r)
+        };
         let files = vec![self.log.current_file()];
         let failed = self.failed.clone();
         let sync_failed = self.sync_failed.clone();
@@ -449,10 +547,12 @@ fn record_changes(
     profile: &mut Profile,
     changes: &[TraitChange],
     now: i64,
+    (specs, touched): (&SpecSet, &mut segments::Touched),
 ) -> Result<(), Problem> {
     if changes.is_empty() {
         return Ok(());
     }
+    touched.traits.extend(changes.iter().map(|c| c.key));
     let mut map = serde_json::Map::new();
     for c in changes {
         let key = trait_keys().name(c.key);
@@ -471,6 +571,7 @@ fn record_changes(
     }
     let props = serde_json::json!({ "changes": map });
     let seq = next_seq.fetch_add(1, Ordering::AcqRel);
+    segments::count_system(specs, profile, "user.updated", Some(&props), now, touched);
     append_system(log, profile, seq, "user.updated", Some(props), now)
 }
 
@@ -481,10 +582,13 @@ fn trim(profile: &mut Profile, settings: &Settings, now: i64) {
 }
 
 /// Applies one log record during recovery, through the same domain functions as live.
+/// Events are counted into the counters `specs` names (those the live shard kept at that
+/// position); membership changes come from their own records, never from re-evaluating.
 fn replay(
     ctx: &ShardContext,
     profiles: &mut BTreeMap<ProfileId, Profile>,
     system_log: &mut Vec<(ProfileId, EventRef)>,
+    specs: &SpecSet,
     limits: TraitLimits,
     pos: Position,
     rec: LogRecord,
@@ -508,9 +612,15 @@ fn replay(
             if let Some(n) = &e.note {
                 profile.add_merge_note(n.clone());
             }
+            let parsed = (e.kind == EventKind::Identify
+                || segments::counts_with_properties(specs, &e.name))
+            .then(|| serde_json::from_str::<serde_json::Value>(&e.json).ok())
+            .flatten();
             if e.kind == EventKind::Identify
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.json)
-                && let Some(traits) = v.get("traits").and_then(|t| t.as_object())
+                && let Some(traits) = parsed
+                    .as_ref()
+                    .and_then(|v| v.get("traits"))
+                    .and_then(|t| t.as_object())
                 && let Ok(plan) = profile.plan_traits(traits, TraitTime::Event(e.ts_ms), limits)
             {
                 for c in profile.commit_traits(plan, e.received_ms) {
@@ -519,9 +629,33 @@ fn replay(
                     }
                 }
             }
+            if !e.name.is_empty() {
+                let props = parsed.as_ref().and_then(|v| v.get("properties"));
+                super::membership::count_event(
+                    specs,
+                    profile,
+                    &e.name,
+                    e.ts_ms,
+                    props,
+                    e.received_ms,
+                    &mut Vec::new(),
+                );
+            }
             profile.add_event(event_ref(&e, pos));
             profile.updated_at = profile.updated_at.max(e.received_ms);
         }
+        LogRecord::Membership(m) => {
+            if let Some(profile) = profiles.get_mut(&ProfileId(m.event.profile)) {
+                profile.set_member(m.segment, m.entered, m.event.ts_ms);
+                profile.add_event(event_ref(&m.event, pos));
+            }
+        }
+        LogRecord::Counter(c) => {
+            if let Some(profile) = profiles.get_mut(&ProfileId(c.profile)) {
+                profile.set_counter(c.spec, c.counter);
+            }
+        }
+        LogRecord::Install(_) => {} // handled by the caller (it is about the whole shard)
         LogRecord::Patch(p) => {
             let pid = ProfileId(p.profile);
             let profile = profiles.entry(pid).or_insert_with(|| {
@@ -559,7 +693,7 @@ fn replay(
                     ctx.registry.restore_profile(sid);
                     Profile::new(sid, a.now_ms)
                 });
-                survivor.absorb(other, a.now_ms);
+                survivor.absorb(other, a.now_ms, &|id| specs.get(id).cloned());
             }
         }
         LogRecord::Delete(d) => {
@@ -590,6 +724,7 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Senders bound the queue themselves (admission); do_send ignores this capacity.
         ctx.set_mailbox_capacity(1024);
+        self.addr = Some(ctx.address());
     }
 }
 
@@ -701,15 +836,7 @@ impl Handler<GetProfiles> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: GetProfiles, _: &mut Self::Context) {
-        let out = msg
-            .ids
-            .iter()
-            .map(|id| {
-                self.profiles
-                    .get(id)
-                    .map(|p| serde_json::to_string(&p.view(&[])).expect("profiles serialise"))
-            })
-            .collect();
+        let out = msg.ids.iter().map(|id| self.render(*id)).collect();
         let _ = msg.reply.send(out);
     }
 }
@@ -856,6 +983,8 @@ impl Handler<QueryEvents> for Shard {
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
 pub struct ListProfiles {
+    /// Only members of this segment.
+    pub segment: Option<SegIdx>,
     /// Only ids greater than this.
     pub after: Option<ProfileId>,
     /// At most this many.
@@ -876,6 +1005,7 @@ impl Handler<ListProfiles> for Shard {
         let ids = self
             .profiles
             .range((start, Bound::Unbounded))
+            .filter(|(_, p)| msg.segment.is_none_or(|s| p.member_since(s).is_some()))
             .take(msg.limit)
             .map(|(id, _)| *id)
             .collect();
@@ -945,6 +1075,7 @@ impl Handler<PatchTraits> for Shard {
             })
             .collect();
         let result = (|| -> Result<String, Problem> {
+            let mut touched = segments::Touched::default();
             let profile = self
                 .profiles
                 .entry(pid)
@@ -952,8 +1083,17 @@ impl Handler<PatchTraits> for Shard {
             if !exists {
                 let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
                 append_system(&mut self.log, profile, s, "user.created", None, now)?;
+                segments::count_system(
+                    &self.specs,
+                    profile,
+                    "user.created",
+                    None,
+                    now,
+                    &mut touched,
+                );
                 metrics::gauge!("user360_profiles").increment(1.0);
             }
+            touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
             for (id, seen) in r.linked {
                 profile.add_identity(id, seen);
             }
@@ -975,8 +1115,10 @@ impl Handler<PatchTraits> for Shard {
                 profile,
                 &changes,
                 now,
+                (&self.specs, &mut touched),
             )?;
-            Ok(serde_json::to_string(&profile.view(&[])).expect("profiles serialise"))
+            self.settle(pid, &touched, now)?;
+            Ok(self.render(pid).unwrap_or_default())
         })();
         let reply = msg.reply;
         match result {
@@ -1012,10 +1154,13 @@ impl Handler<DeleteProfile> for Shard {
         }
         let now = self.ctx.clock.now_ms();
         let pid = msg.profile;
-        let Some(profile) = self.profiles.remove(&pid) else {
+        let Some(mut profile) = self.profiles.remove(&pid) else {
             let _ = msg.reply.send(Ok(false));
             return;
         };
+        let memberships = std::mem::take(&mut profile.memberships);
+        self.end_memberships(pid, memberships, Reason::Deleted, now, None);
+        self.unschedule(pid);
         let ids: Vec<Identity> = profile.identities.into_iter().map(|h| h.identity).collect();
         self.ctx.registry.remove_profile(pid, &ids);
         let suppressed: Vec<u128> = if msg.suppress {
@@ -1126,7 +1271,14 @@ impl Handler<Recover> for Shard {
             msg.snapshot,
         ) {
             Ok(fresh) => {
+                let rules = self.rules.clone();
+                let addr = self.addr.take();
+                if let Some((_, t)) = self.armed.take() {
+                    self.ctx.timers.cancel(t);
+                }
                 *self = fresh;
+                self.addr = addr;
+                self.install_startup(rules);
                 self.failed.store(false, Ordering::Release);
                 tracing::info!(
                     shard = self.id,
@@ -1216,7 +1368,8 @@ impl Handler<EncodeChunk> for Shard {
         let done = slice.len() < msg.max;
         let last = slice.last().map(|p| p.id);
         let system: &[(ProfileId, EventRef)] = if done { &self.system_log } else { &[] };
-        let chunk = super::snapshot::encode_chunk(slice.into_iter(), system);
+        let mut chunk = super::snapshot::encode_chunk(slice.into_iter(), system);
+        chunk.specs_json = segments::specs_to_json(&self.specs);
         let _ = msg.reply.send(Ok((chunk, last, covers, done)));
     }
 }
@@ -1300,7 +1453,13 @@ impl Handler<TakeProfile> for Shard {
             let _ = msg.reply.send(Err(p));
             return;
         }
-        let _ = msg.reply.send(Ok(self.profiles.remove(&msg.profile)));
+        let taken = self.profiles.remove(&msg.profile);
+        if let Some(p) = &taken {
+            // Its memberships end when the merge is confirmed (or come back with it).
+            self.leaving.insert(p.id, p.memberships.clone());
+            self.unschedule(p.id);
+        }
+        let _ = msg.reply.send(Ok(taken));
     }
 }
 
@@ -1316,7 +1475,11 @@ impl Handler<ReturnProfile> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: ReturnProfile, _: &mut Self::Context) {
-        self.profiles.insert(msg.profile.id, msg.profile);
+        let id = msg.profile.id;
+        self.leaving.remove(&id);
+        self.profiles.insert(id, msg.profile);
+        let now = self.ctx.clock.now_ms();
+        self.reschedule(id, now);
     }
 }
 
@@ -1352,6 +1515,16 @@ impl Handler<ConfirmMergedAway> for Shard {
         }
         if msg.held {
             metrics::gauge!("user360_profiles").decrement(1.0);
+        }
+        if let Some(memberships) = self.leaving.remove(&msg.profile) {
+            let now = self.ctx.clock.now_ms();
+            self.end_memberships(
+                msg.profile,
+                memberships,
+                Reason::Merged,
+                now,
+                Some(msg.into),
+            );
         }
         let reply = msg.reply;
         self.commit_then(move |durable| {
@@ -1467,13 +1640,28 @@ impl Handler<AbsorbProfile> for Shard {
             let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             result = append_system(&mut self.log, survivor, s, "user.created", None, now);
         }
-        survivor.absorb(absorbed, now);
+        let specs = &self.specs;
+        survivor.absorb(absorbed, now, &|id| specs.get(id).cloned());
         let s2 = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
         let props = serde_json::json!({"merged_from": [absorbed_id.to_string()]});
+        let mut touched = segments::Touched {
+            all: true,
+            ..Default::default()
+        };
+        segments::count_system(
+            specs,
+            survivor,
+            "user.merged",
+            Some(&props),
+            now,
+            &mut touched,
+        );
         let result = result.and_then(|()| {
             append_system(&mut self.log, survivor, s2, "user.merged", Some(props), now)
         });
         trim(survivor, &self.ctx.settings, now);
+        // Memberships are re-evaluated on the union.
+        let result = result.and_then(|()| self.settle(sid, &touched, now));
         metrics::counter!("user360_merges_total").increment(1);
         let reply = msg.reply;
         match result {
