@@ -292,6 +292,8 @@ impl Shard {
                 now,
                 &mut touched,
             );
+            // A new profile can match rules that read nothing it has ("did not perform").
+            touched.all = true;
             metrics::gauge!("user360_profiles").increment(1.0);
         }
         touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
@@ -1091,6 +1093,8 @@ impl Handler<PatchTraits> for Shard {
                     now,
                     &mut touched,
                 );
+                // A new profile can match rules that read nothing it has ("did not perform").
+                touched.all = true;
                 metrics::gauge!("user360_profiles").increment(1.0);
             }
             touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
