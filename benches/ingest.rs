@@ -231,7 +231,7 @@ fn merges(c: &mut Criterion) {
         bench.iter_batched(
             || (a.clone(), b.clone()),
             |(mut a, b)| {
-                a.absorb(b, 2);
+                a.absorb(b, 2, &|_| None);
                 black_box(a)
             },
             criterion::BatchSize::SmallInput,

@@ -8,8 +8,7 @@
 //! test runs those steps (substituting an equivalent read available today, e.g. listing all
 //! profiles instead of a JSONL export).
 //!
-//! Pending features: profile merges (issue 5), segments (issue 6), triggers (issue 7),
-//! export (issue 8).
+//! Pending features: triggers (issue 7), export (issue 8).
 
 mod common;
 
@@ -888,15 +887,8 @@ async fn bc03(with_query: bool) {
 }
 
 #[tokio::test]
-#[ignore = "pending: /v1/profiles/query (issue 6)"]
 async fn bc_03_events_after_alias_land_on_the_merged_profile() {
     bc03(true).await;
-}
-
-/// BC-03 less step 10 (the segment query): runs once merges exist.
-#[tokio::test]
-async fn bc_03_events_after_alias_land_on_the_merged_profile_without_query() {
-    bc03(false).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1339,14 +1331,7 @@ async fn bc08(with_segment: bool) {
     }
 }
 
-/// BC-08 without the segment steps (1, 3, 10, 11).
 #[tokio::test]
-async fn bc_08_null_trait_unsets_it() {
-    bc08(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: segments (issue 6)"]
 async fn bc_08_null_trait_unsets_it_with_segment() {
     bc08(true).await;
 }
@@ -1460,7 +1445,7 @@ async fn bc_09_values_keep_their_own_type() {
 }
 
 #[tokio::test]
-#[ignore = "pending: segments (issue 6), export (issue 8)"]
+#[ignore = "pending: export (issue 8)"]
 async fn bc_09_values_keep_their_own_type_with_segment_and_export() {
     bc09(true).await;
 }
@@ -1582,7 +1567,7 @@ async fn bc_10_dotted_trait_keys_stay_literal() {
 }
 
 #[tokio::test]
-#[ignore = "pending: segments (issue 6), export (issue 8)"]
+#[ignore = "pending: export (issue 8)"]
 async fn bc_10_dotted_trait_keys_stay_literal_with_segments_and_export() {
     bc10(true).await;
 }
@@ -2051,14 +2036,7 @@ async fn bc18(with_segment: bool) {
     }
 }
 
-/// BC-18 without the segment (steps 1 and 3).
 #[tokio::test]
-async fn bc_18_future_device_clock_is_corrected() {
-    bc18(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: segments (issue 6)"]
 async fn bc_18_future_device_clock_is_corrected_with_segment() {
     bc18(true).await;
 }
@@ -2110,7 +2088,7 @@ async fn bc_20_skew_is_corrected_as_an_exact_duration() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-#[ignore = "pending: segments (issue 6), triggers (issue 7)"]
+#[ignore = "pending: triggers (issue 7)"]
 async fn bc_21_time_window_members_leave_as_events_age_out() {
     let s = Server::manual().await;
     let hook = Receiver::start().await;
@@ -2199,7 +2177,7 @@ async fn bc_21_time_window_members_leave_as_events_age_out() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-#[ignore = "pending: segments (issue 6), triggers (issue 7)"]
+#[ignore = "pending: triggers (issue 7)"]
 async fn bc_22_audience_sync_removes_as_well_as_adds() {
     let s = Server::start().await;
     let hook = Receiver::start().await;
@@ -2290,7 +2268,7 @@ async fn bc_22_audience_sync_removes_as_well_as_adds() {
 const BC24_USERS: usize = 200_000;
 
 #[tokio::test]
-#[ignore = "pending: export (issue 8), segments (issue 6)"]
+#[ignore = "pending: export (issue 8)"]
 async fn bc_24_export_of_the_whole_user_base_streams() {
     let s = Server::start().await;
     for b in 0..BC24_USERS / 500 {

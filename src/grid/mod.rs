@@ -241,10 +241,10 @@ impl Grid {
                         // only when the last is an interval of wall time old.
                         let wall = clock::wall_ms();
                         let last = grid.last_snapshot_wall.load(Ordering::Acquire);
-                        if wall - last >= every {
-                            if let Err(e) = grid.snapshot().await {
-                                tracing::error!(error = %e, "periodic snapshot failed");
-                            }
+                        if wall - last >= every
+                            && let Err(e) = grid.snapshot().await
+                        {
+                            tracing::error!(error = %e, "periodic snapshot failed");
                         }
                         grid.schedule_snapshots();
                     }
@@ -519,7 +519,10 @@ impl Grid {
     }
 
     /// A profile's segments: (id, name, since); None when it does not exist.
-    pub async fn profile_segments(&self, id: ProfileId) -> Option<Vec<(Arc<str>, Arc<str>, i64)>> {
+    pub async fn profile_segments(
+        &self,
+        id: ProfileId,
+    ) -> Option<Vec<shard::segments::MembershipView>> {
         let (tx, rx) = oneshot::channel();
         self.shards
             .get(id.shard() as usize)?

@@ -316,7 +316,7 @@ impl Grid {
             .map(|d| d.idx)
             .collect();
         let guard = segs.edits.clone().lock_owned().await;
-        let backfill = (!pending.is_empty()).then(|| (pending, Reason::Rule));
+        let backfill = (!pending.is_empty()).then_some((pending, Reason::Rule));
         if let Err(p) = self.install(backfill.clone(), true).await {
             tracing::error!(error = %p.message, "cannot put the segment rules in force");
             return;

@@ -344,7 +344,7 @@ mod tests {
         let s = spec(json!({"event": "V", "count": {"gte": 3}, "within": {"days": 7}}));
         assert_eq!(s.keep, 3);
         let mut c = s.empty();
-        for t in [10 * DAY, 11 * DAY, 12 * DAY, 1 * DAY] {
+        for t in [10 * DAY, 11 * DAY, 12 * DAY, DAY] {
             c.record(&s, t, None);
         }
         assert_eq!(c, Counter::Recent(vec![12 * DAY, 11 * DAY, 10 * DAY]));

@@ -674,7 +674,7 @@ mod tests {
             };
             match next() % if depth > 5 { 6 } else { 9 } {
                 0 => Value::Null,
-                1 => Value::Bool(next() % 2 == 0),
+                1 => Value::Bool(next().is_multiple_of(2)),
                 2 => json!((next() % 2000) as i64 - 1000),
                 3 => json!(f64::from_bits(next()).clamp(-1e300, 1e300)),
                 4 => Value::String(pick(next, OPS)),

@@ -568,6 +568,9 @@ impl Handler<RunDue> for Shard {
     }
 }
 
+/// A membership as read: (segment id, name, since).
+pub type MembershipView = (Arc<str>, Arc<str>, i64);
+
 /// A profile's segments: (segment id, name, since).
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
@@ -575,7 +578,7 @@ pub struct ProfileSegments {
     /// Which.
     pub profile: ProfileId,
     /// None when the profile is not here.
-    pub reply: oneshot::Sender<Option<Vec<(Arc<str>, Arc<str>, i64)>>>,
+    pub reply: oneshot::Sender<Option<Vec<MembershipView>>>,
 }
 
 impl Handler<ProfileSegments> for Shard {
