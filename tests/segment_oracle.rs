@@ -58,6 +58,15 @@ fn segments() -> Vec<(&'static str, Value)> {
             "reachable",
             json!({"any": [{"identity": "email", "op": "exists"}, {"trait": "vip", "op": "eq", "value": true}]}),
         ),
+        // These two share the counter of "viewer" (same events), which keeps 4 times.
+        (
+            "heavy-viewer",
+            json!({"event": "Viewed", "count": {"gte": 4}, "within": {"days": 2}}),
+        ),
+        (
+            "no-view",
+            json!({"event": "Viewed", "count": {"lt": 1}, "within": {"days": 2}}),
+        ),
         (
             "light-viewer",
             json!({"event": "Viewed", "where": [{"property": "sku", "op": "in", "value": ["a", "b"]}], "count": {"lt": 3}}),

@@ -55,6 +55,10 @@ struct Args {
     /// their `userId`, so the registry links a new identity to a known profile.
     #[arg(long, default_value_t = 0.0)]
     links: f64,
+    /// Instead of a timed run: create this many distinct profiles (identify with ten
+    /// traits, batches of `--batch`) as fast as the server takes them, then stop.
+    #[arg(long, default_value_t = 0)]
+    seed_profiles: u64,
     /// First measure an in-process no-op server that only parses JSON.
     #[arg(long)]
     baseline: bool,
@@ -184,6 +188,87 @@ fn base_message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) 
     }
 }
 
+/// The identify message that creates seeded profile `i` (ten traits).
+fn seed_message(i: u64) -> Value {
+    let plans = ["free", "pro", "team"];
+    let countries = ["IN", "US", "DE", "BR"];
+    json!({"type": "identify", "userId": format!("seed-{i:08}"), "messageId": format!("seed-{i}"),
+           "traits": {"plan": plans[(i % 3) as usize], "country": countries[(i % 4) as usize],
+                      "seats": i % 50, "age": 18 + i % 60, "score": (i % 1000) as f64 / 10.0,
+                      "vip": i % 10 == 0, "name": format!("User {i}"), "city": "Pune",
+                      "signup": "2026-01-15T10:00:00Z", "tags": ["beta"]}})
+}
+
+/// Creates `args.seed_profiles` distinct profiles over `args.connections` connections.
+async fn seed(args: &Args, url: &str, key: &str) -> anyhow::Result<Report> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let (client, next, url, key) =
+            (client.clone(), next.clone(), url.to_owned(), key.to_owned());
+        let (total, batch) = (args.seed_profiles, args.batch.max(1) as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= total {
+                    break;
+                }
+                let msgs: Vec<Value> = (from..(from + batch).min(total))
+                    .map(seed_message)
+                    .collect();
+                let body = serde_json::to_vec(&json!({"batch": msgs})).expect("json");
+                let t = Instant::now();
+                loop {
+                    match client
+                        .post(format!("{url}/v1/batch"))
+                        .basic_auth(&key, Some(""))
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.bytes().await;
+                            break;
+                        }
+                        Ok(r) => {
+                            *errors.entry(r.status().as_u16().to_string()).or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(_) => {
+                            *errors.entry("network".to_owned()).or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                hist.saturating_record(t.elapsed().as_micros() as u64);
+            }
+            (hist, errors)
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = BTreeMap::new();
+    for t in tasks {
+        let (h, e) = t.await?;
+        latency.add(h)?;
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    Ok(Report {
+        events: args.seed_profiles,
+        seconds: started.elapsed().as_secs_f64(),
+        latency,
+        errors,
+    })
+}
+
 async fn run(args: &Args, url: &str, key: &str) -> anyhow::Result<Report> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
@@ -309,6 +394,11 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.seed_profiles > 0 {
+        let r = seed(&args, args.url.trim_end_matches('/'), &args.write_key).await?;
+        r.print("seeded profiles");
+        return Ok(());
+    }
     let base = if args.baseline {
         let url = baseline_server().await?;
         let r = run(&args, &url, "baseline").await?;

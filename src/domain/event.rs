@@ -182,6 +182,14 @@ pub fn with_profile_id(json: &str, profile: ProfileId) -> String {
     out
 }
 
+/// Appends `s` as a JSON string (quoted and escaped) to `out`.
+pub fn push_json_str(out: &mut String, s: &str) {
+    let mut buf = Vec::with_capacity(s.len() + 2);
+    let _ = serde_json::to_writer(&mut buf, s);
+    // serde_json writes valid UTF-8.
+    out.push_str(std::str::from_utf8(&buf).unwrap_or("\"\""));
+}
+
 /// Formats a time for an event.
 pub fn ts(ms: i64) -> String {
     format_ms(ms)

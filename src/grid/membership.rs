@@ -71,7 +71,7 @@ pub fn count_event(
     ts_ms: i64,
     properties: Option<&serde_json::Value>,
     now: i64,
-    touched: &mut Vec<SpecId>,
+    touched: &mut impl Extend<SpecId>,
 ) {
     if specs.all.is_empty() || name.is_empty() || name.starts_with("segment.") {
         return;
@@ -90,7 +90,7 @@ pub fn count_event(
             profile
                 .counter_mut(*id, || spec.empty())
                 .record(spec, ts_ms, per.as_deref());
-            touched.push(*id);
+            touched.extend(std::iter::once(*id));
         }
     }
 }

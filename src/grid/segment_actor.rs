@@ -36,7 +36,7 @@ pub struct Listener {
 }
 
 enum Msg {
-    Changed(MembershipChanged),
+    Changed(Vec<MembershipChanged>),
     Listen {
         after: Option<u64>,
         reply: oneshot::Sender<Listener>,
@@ -57,9 +57,9 @@ impl SegmentActor {
         SegmentActor { tx }
     }
 
-    /// Hands over a durable change.
-    pub fn changed(&self, c: MembershipChanged) {
-        let _ = self.tx.send(Msg::Changed(c));
+    /// Hands over durable changes, in the order they happened.
+    pub fn changed(&self, batch: Vec<MembershipChanged>) {
+        let _ = self.tx.send(Msg::Changed(batch));
     }
 
     /// Adds a listener; with `after` (a change sequence it saw), it first gets the
@@ -76,23 +76,27 @@ async fn run(idx: SegIdx, buffer: usize, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut listeners: Vec<mpsc::Sender<StreamItem>> = Vec::new();
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::Changed(c) => {
-                debug_assert_eq!(c.segment, idx);
-                listeners.retain(|l| match l.try_send(StreamItem::Change(c.clone())) {
-                    Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::info!(
-                            segment = idx,
-                            "dropping a segment stream listener that fell behind"
-                        );
-                        false
+            Msg::Changed(batch) => {
+                for c in batch {
+                    debug_assert_eq!(c.segment, idx);
+                    if !listeners.is_empty() {
+                        listeners.retain(|l| match l.try_send(StreamItem::Change(c.clone())) {
+                            Ok(()) => true,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                tracing::info!(
+                                    segment = idx,
+                                    "dropping a segment stream listener that fell behind"
+                                );
+                                false
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => false,
+                        });
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
-                });
-                if recent.len() == buffer {
-                    recent.pop_front();
+                    if recent.len() == buffer {
+                        recent.pop_front();
+                    }
+                    recent.push_back(c);
                 }
-                recent.push_back(c);
             }
             Msg::Listen { after, reply } => {
                 let backlog = match after {

@@ -227,11 +227,16 @@ impl Segments {
             .map_or(0, |r| r.count.load(Ordering::Acquire))
     }
 
-    /// Routes durable membership changes to their segments' actors.
+    /// Routes durable membership changes to their segments' actors, one message per
+    /// segment per batch.
     fn deliver(&self, changes: Vec<MembershipChanged>) {
+        let mut by_segment: HashMap<SegIdx, Vec<MembershipChanged>> = HashMap::new();
         for c in changes {
-            if let Some(a) = self.actors.get(&c.segment) {
-                a.changed(c);
+            by_segment.entry(c.segment).or_default().push(c);
+        }
+        for (seg, batch) in by_segment {
+            if let Some(a) = self.actors.get(&seg) {
+                a.changed(batch);
             }
         }
     }
@@ -261,7 +266,6 @@ impl Segments {
 struct AdHocResolver<'a> {
     defs: &'a Definitions,
     rules: &'a RuleSet,
-    by_key: HashMap<String, SpecId>,
     recount: Vec<(SpecId, Arc<CounterSpec>)>,
 }
 
@@ -272,8 +276,12 @@ impl Resolver for AdHocResolver<'_> {
 
     fn spec(&mut self, spec: CounterSpec) -> (SpecId, Arc<CounterSpec>) {
         let key = spec.key();
-        if let Some(id) = self.by_key.get(&key)
-            && let Some(s) = self.rules.specs.get(id)
+        // A kept counter of the same events keeping at least as many times answers it.
+        if let Some((id, s)) = self
+            .rules
+            .specs
+            .iter()
+            .find(|(_, s)| s.base_key() == spec.base_key() && s.keep >= spec.keep)
         {
             return (*id, s.clone());
         }
@@ -630,7 +638,6 @@ impl Grid {
         let mut r = AdHocResolver {
             defs: &defs,
             rules: &rules,
-            by_key: rules.specs.iter().map(|(id, s)| (s.key(), *id)).collect(),
             recount: Vec::new(),
         };
         let compiled = compile(&parsed, &mut r).map_err(rule_problem)?;

@@ -113,17 +113,22 @@ impl CounterSpec {
 
     /// The spec's identity: equal keys count the same thing.
     pub fn key(&self) -> String {
+        format!("{}\u{0}{}", self.base_key(), self.keep)
+    }
+
+    /// What the spec counts, regardless of how many times it keeps: conditions with equal
+    /// base keys share one counter that keeps as many as the most demanding needs.
+    pub fn base_key(&self) -> String {
         let w = match self.window {
             None => "all".to_owned(),
             Some(Window::Duration { ms }) => format!("last:{ms}"),
             Some(Window::Since { ms }) => format!("since:{ms}"),
         };
         format!(
-            "{}\u{0}{}\u{0}{}\u{0}{w}\u{0}{}",
+            "{}\u{0}{}\u{0}{}\u{0}{w}",
             self.name,
             self.where_json,
             self.per.as_ref().map(|p| p.to_string()).unwrap_or_default(),
-            self.keep
         )
     }
 
@@ -205,9 +210,37 @@ fn insert_time(times: &mut Vec<i64>, ts: i64, keep: usize) {
     times.truncate(keep);
 }
 
-/// How many of newest-first `times` are inside a window of `ms` ending at `now`.
-fn in_window(times: &[i64], ms: i64, now: i64) -> usize {
-    times.partition_point(|&t| now.saturating_sub(ms) < t)
+/// Whether at least `k` of newest-first `times` are inside a window of `ms` ending at
+/// `now` (then the k-th newest is): O(1).
+fn at_least(times: &[i64], k: u64, ms: i64, now: i64) -> bool {
+    k == 0 || (times.len() as u64 >= k && times[k as usize - 1] > now.saturating_sub(ms))
+}
+
+/// Whether the count of `times` inside the window satisfies `cmp`, in O(1).
+fn holds_in_window(times: &[i64], cmp: CountCmp, ms: i64, now: i64) -> bool {
+    let at = |k: u64| at_least(times, k, ms, now);
+    match cmp {
+        CountCmp::Gte(n) => at(n),
+        CountCmp::Gt(n) => at(n + 1),
+        CountCmp::Eq(n) => at(n) && !at(n + 1),
+        CountCmp::Lte(n) => !at(n + 1),
+        CountCmp::Lt(n) => !at(n),
+    }
+}
+
+/// When `cmp` over the times inside the window next changes its answer by time alone:
+/// counts only fall as events leave (the oldest first), so it is when the k-th newest
+/// leaves, for the k at which the answer flips.
+fn flips_at(times: &[i64], cmp: CountCmp, ms: i64, now: i64) -> Option<i64> {
+    let at = |k: u64| at_least(times, k, ms, now);
+    // The instant the count falls below `k` (the k-th newest leaves).
+    let leaves = |k: u64| (k >= 1 && at(k)).then(|| times[k as usize - 1].saturating_add(ms));
+    match cmp {
+        CountCmp::Gte(n) | CountCmp::Lt(n) => leaves(n),
+        CountCmp::Gt(n) | CountCmp::Lte(n) => leaves(n + 1),
+        CountCmp::Eq(n) => leaves(n + 1).or_else(|| leaves(n)),
+    }
+    .filter(|t| *t > now)
 }
 
 impl Counter {
@@ -287,28 +320,24 @@ impl Counter {
         let w = spec.rolling_ms().unwrap_or(i64::MAX);
         match self {
             Counter::Total(n) => cmp.holds(*n),
-            Counter::Recent(times) => cmp.holds(in_window(times, w, now) as u64),
+            Counter::Recent(times) => holds_in_window(times, cmp, w, now),
             Counter::PerTotal(values) => values.iter().any(|(_, n)| cmp.holds(*n)),
             Counter::PerRecent(values) => values
                 .iter()
-                .any(|(_, times)| cmp.holds(in_window(times, w, now) as u64)),
+                .any(|(_, times)| holds_in_window(times, cmp, w, now)),
         }
     }
 
-    /// The next instant after `now` at which a kept event leaves the window (when the
-    /// answer may change with no new event).
-    pub fn next_change(&self, spec: &CounterSpec, now: i64) -> Option<i64> {
+    /// The next instant after `now` at which `cmp` over this counter may change its answer
+    /// with no new event (when the event that decides it leaves the window).
+    pub fn next_change(&self, spec: &CounterSpec, cmp: CountCmp, now: i64) -> Option<i64> {
         let w = spec.rolling_ms()?;
-        let leaves = |times: &[i64]| {
-            let inside = in_window(times, w, now);
-            inside
-                .checked_sub(1)
-                .map(|i| times[i].saturating_add(w))
-                .filter(|t| *t > now)
-        };
         match self {
-            Counter::Recent(times) => leaves(times),
-            Counter::PerRecent(values) => values.iter().filter_map(|(_, t)| leaves(t)).min(),
+            Counter::Recent(times) => flips_at(times, cmp, w, now),
+            Counter::PerRecent(values) => values
+                .iter()
+                .filter_map(|(_, t)| flips_at(t, cmp, w, now))
+                .min(),
             _ => None,
         }
     }
@@ -351,7 +380,7 @@ mod tests {
         let cmp = CountCmp::Gte(3);
         assert!(c.holds(&s, cmp, 16 * DAY));
         // The oldest of the three leaves exactly 7 days after it happened.
-        assert_eq!(c.next_change(&s, 16 * DAY), Some(17 * DAY));
+        assert_eq!(c.next_change(&s, cmp, 16 * DAY), Some(17 * DAY));
         assert!(c.holds(&s, cmp, 17 * DAY - 1));
         assert!(!c.holds(&s, cmp, 17 * DAY));
         // A late event older than everything kept changes nothing.
@@ -370,9 +399,9 @@ mod tests {
         assert!(c.holds(&s, cmp, 0));
         c.record(&s, 100 * DAY, None);
         assert!(!c.holds(&s, cmp, 100 * DAY));
-        assert_eq!(c.next_change(&s, 100 * DAY), Some(130 * DAY));
+        assert_eq!(c.next_change(&s, cmp, 100 * DAY), Some(130 * DAY));
         assert!(c.holds(&s, cmp, 130 * DAY));
-        assert_eq!(c.next_change(&s, 130 * DAY), None);
+        assert_eq!(c.next_change(&s, cmp, 130 * DAY), None);
     }
 
     #[test]
@@ -389,7 +418,7 @@ mod tests {
         let per = s.admits(6, Some(&props("a")), 6).unwrap();
         c.record(&s, 6, per.as_deref());
         assert!(c.holds(&s, CountCmp::Gte(3), 7));
-        assert_eq!(c.next_change(&s, 7), Some(1 + 7 * DAY));
+        assert_eq!(c.next_change(&s, CountCmp::Gte(3), 7), Some(1 + 7 * DAY));
         // No per value: not counted.
         assert_eq!(s.admits(7, Some(&json!({"other": 1})), 7), None);
         assert_eq!(
@@ -434,6 +463,42 @@ mod tests {
         x.record(&t, 1, None);
         x.absorb(Counter::Total(4), &t);
         assert_eq!(x, Counter::Total(5));
+    }
+
+    /// The O(1) threshold forms agree with counting, for every comparison and window edge.
+    #[test]
+    fn threshold_forms_agree_with_counting() {
+        let times = [50i64, 40, 30, 20, 10];
+        for ms in [5i64, 15, 25, 35, 45, 1000] {
+            for now in [10i64, 29, 30, 31, 49, 54, 55, 56, 60, 100] {
+                let count = times.iter().filter(|&&t| now - ms < t).count() as u64;
+                for n in 0..7 {
+                    for cmp in [
+                        CountCmp::Gte(n),
+                        CountCmp::Gt(n),
+                        CountCmp::Eq(n),
+                        CountCmp::Lte(n),
+                        CountCmp::Lt(n),
+                    ] {
+                        assert_eq!(
+                            holds_in_window(&times, cmp, ms, now),
+                            cmp.holds(count),
+                            "{cmp:?} ms={ms} now={now}"
+                        );
+                        // The flip instant is the first later instant where the answer differs.
+                        let naive = (now + 1..now + 2000).find(|&t| {
+                            let c = times.iter().filter(|&&x| t - ms < x).count() as u64;
+                            cmp.holds(c) != cmp.holds(count)
+                        });
+                        assert_eq!(
+                            flips_at(&times, cmp, ms, now),
+                            naive,
+                            "{cmp:?} ms={ms} now={now}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct SegmentRule {
     pub id: Arc<str>,
     /// Display name.
     pub name: Arc<str>,
+    /// The id as a JSON string (quoted), for the many `segment.*` events that carry it.
+    pub id_json: Box<str>,
     /// The compiled rule and what it reads.
     pub compiled: Compiled,
     /// Position in evaluation order.
@@ -116,6 +118,8 @@ pub struct RuleSet {
 /// Allocates segment indexes and spec ids against the stored definitions.
 struct Alloc<'a> {
     ids: &'a HashMap<String, SegIdx>,
+    /// Base key → the most newest times any condition over it needs.
+    keep: HashMap<String, u32>,
     by_key: HashMap<String, SpecId>,
     specs: HashMap<SpecId, Arc<CounterSpec>>,
     used: Vec<SpecId>,
@@ -127,7 +131,10 @@ impl Resolver for Alloc<'_> {
         self.ids.get(id).copied()
     }
 
-    fn spec(&mut self, spec: CounterSpec) -> (SpecId, Arc<CounterSpec>) {
+    fn spec(&mut self, mut spec: CounterSpec) -> (SpecId, Arc<CounterSpec>) {
+        if let Some(k) = self.keep.get(&spec.base_key()) {
+            spec.keep = spec.keep.max(*k);
+        }
         let key = spec.key();
         let id = match self.by_key.get(&key) {
             Some(id) => *id,
@@ -159,8 +166,23 @@ impl RuleSet {
             .iter()
             .map(|s| (s.id.clone(), s.idx))
             .collect();
+        // Conditions counting the same events share one counter, keeping what the most
+        // demanding of them needs (a larger keep is a new spec, recounted by a backfill).
+        let mut keep: HashMap<String, u32> = HashMap::new();
+        for s in &defs.segments {
+            if let Ok(rule) = Rule::parse(&s.rule, "rule") {
+                rule.walk(&mut |r| {
+                    if let Rule::Event(e) = r {
+                        let spec = CounterSpec::for_condition(e);
+                        let k = keep.entry(spec.base_key()).or_default();
+                        *k = (*k).max(spec.keep);
+                    }
+                });
+            }
+        }
         let mut alloc = Alloc {
             ids: &ids,
+            keep,
             by_key: HashMap::new(),
             specs: HashMap::new(),
             used: Vec::new(),
@@ -274,6 +296,7 @@ impl RuleSet {
             set.segments[idx as usize] = Some(Arc::new(SegmentRule {
                 idx,
                 id: d.id.as_str().into(),
+                id_json: Value::from(d.id.as_str()).to_string().into_boxed_str(),
                 name: d.name.as_str().into(),
                 compiled: c,
                 rank: rank[&idx],

@@ -89,6 +89,14 @@ pub fn parse_rule_instant_ms(s: &str) -> Option<i64> {
 /// Years outside 0000..=9999 (not representable in RFC 3339) are printed
 /// with an explicit sign, ISO 8601 style (`-0001`, `+10000`).
 pub fn format_ms(ms: i64) -> String {
+    let mut out = String::with_capacity(24);
+    write_ms(&mut out, ms);
+    out
+}
+
+/// Appends [`format_ms`]'s text to `out` without allocating (hot paths render many).
+pub fn write_ms(out: &mut String, ms: i64) {
+    use std::fmt::Write as _;
     let days = ms.div_euclid(MS_PER_DAY);
     let rem = ms.rem_euclid(MS_PER_DAY);
     let (year, month, day) = civil_from_days(days);
@@ -96,12 +104,33 @@ pub fn format_ms(ms: i64) -> String {
     let minute = rem / MS_PER_MINUTE % 60;
     let second = rem / 1000 % 60;
     let milli = rem % 1000;
-    let year = if (0..=9999).contains(&year) {
-        format!("{year:04}")
+    if (0..=9999).contains(&year) {
+        push_digits(out, year, 4);
     } else {
-        format!("{year:+05}")
-    };
-    format!("{year}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z")
+        let _ = write!(out, "{year:+05}");
+    }
+    out.push('-');
+    push_digits(out, month, 2);
+    out.push('-');
+    push_digits(out, day, 2);
+    out.push('T');
+    push_digits(out, hour, 2);
+    out.push(':');
+    push_digits(out, minute, 2);
+    out.push(':');
+    push_digits(out, second, 2);
+    out.push('.');
+    push_digits(out, milli, 3);
+    out.push('Z');
+}
+
+/// Appends `v` (non-negative) as exactly `width` decimal digits.
+fn push_digits(out: &mut String, v: i64, width: u32) {
+    let mut div = 10i64.pow(width - 1);
+    while div > 0 {
+        out.push((b'0' + (v / div % 10) as u8) as char);
+        div /= 10;
+    }
 }
 
 /// Reads `n` ASCII digits at `start`.

@@ -332,11 +332,13 @@ impl Shard {
         if let Some(n) = note {
             profile.add_merge_note(n);
         }
-        let pos = self
+        // The index entry is taken first so the record moves into the log uncloned.
+        let mut entry = event_ref(&record, 0);
+        entry.pos = self
             .log
-            .append(&LogRecord::Event(record.clone()))
+            .append(&LogRecord::Event(record))
             .map_err(io_problem)?;
-        profile.add_event(event_ref(&record, pos));
+        profile.add_event(entry);
         metrics::counter!("user360_events_stored_total").increment(1);
         profile.updated_at = now;
         if let Some(name) = m.event.as_deref() {
@@ -493,10 +495,9 @@ fn append_system(
     now: i64,
 ) -> Result<(), Problem> {
     let record = system_record(profile.id, seq, name, properties, now);
-    let pos = log
-        .append(&LogRecord::Event(record.clone()))
-        .map_err(io_problem)?;
-    profile.add_event(event_ref(&record, pos));
+    let mut entry = event_ref(&record, 0);
+    entry.pos = log.append(&LogRecord::Event(record)).map_err(io_problem)?;
+    profile.add_event(entry);
     Ok(())
 }
 
@@ -507,25 +508,36 @@ fn system_record(
     properties: Option<serde_json::Value>,
     now: i64,
 ) -> EventRecord {
-    let message_id = format!("sys-{}", ulid::Ulid::new().to_string().to_lowercase());
-    let properties = properties.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
-    let out = EventOut {
-        message_id: &message_id,
-        seq,
-        kind: EventKind::System.as_str(),
-        event: Some(name),
-        name: None,
-        category: None,
-        properties: Some(&properties),
-        traits: None,
-        context: None,
-        user_id: None,
-        anonymous_id: None,
-        group_id: None,
-        previous_id: None,
-        timestamp: ts(now),
-        received_at: ts(now),
-    };
+    let props = properties.map(|p| p.to_string());
+    system_record_json(profile, seq, name, props.as_deref().unwrap_or("{}"), now)
+}
+
+/// A standard event with its `properties` already rendered as JSON. Written by hand (in
+/// the field order of [`EventOut`]) because membership changes make many of them.
+fn system_record_json(
+    profile: ProfileId,
+    seq: u64,
+    name: &str,
+    properties_json: &str,
+    now: i64,
+) -> EventRecord {
+    use std::fmt::Write as _;
+    let mut json = String::with_capacity(280 + name.len() + properties_json.len());
+    json.push_str("{\"message_id\":\"sys-");
+    let mut id = [0u8; ulid::ULID_LEN];
+    for c in ulid::Ulid::new().array_to_str(&mut id).chars() {
+        json.push(c.to_ascii_lowercase());
+    }
+    let _ = write!(json, "\",\"seq\":{seq},\"type\":\"system\",\"event\":");
+    crate::domain::event::push_json_str(&mut json, name);
+    json.push_str(",\"name\":null,\"category\":null,\"properties\":");
+    json.push_str(properties_json);
+    json.push_str(",\"traits\":null,\"context\":null,\"user_id\":null,\"anonymous_id\":null,\"group_id\":null,\"previous_id\":null,\"timestamp\":\"");
+    crate::segment::timefmt::write_ms(&mut json, now);
+    json.push_str("\",\"received_at\":\"");
+    crate::segment::timefmt::write_ms(&mut json, now);
+    json.push_str("\"}");
+    debug_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
     EventRecord {
         seq,
         profile: profile.0,
@@ -537,7 +549,7 @@ fn system_record(
         dedup_hash: 0,
         note: None,
         linked: Vec::new(),
-        json: serde_json::to_string(&out).expect("events serialise"),
+        json,
     }
 }
 
@@ -1192,11 +1204,12 @@ impl Handler<DeleteProfile> for Shard {
                 Some(serde_json::json!({"profile_id": pid.to_string()})),
                 now,
             );
-            let pos = self
+            let mut entry = event_ref(&record, 0);
+            entry.pos = self
                 .log
-                .append(&LogRecord::Event(record.clone()))
+                .append(&LogRecord::Event(record))
                 .map_err(io_problem)?;
-            self.system_log.push((pid, event_ref(&record, pos)));
+            self.system_log.push((pid, entry));
             Ok(true)
         })();
         let reply = msg.reply;

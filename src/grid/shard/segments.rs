@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use actix::{Handler, Message as ActixMessage};
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
-use super::{Shard, io_problem, system_record};
+use super::{Shard, io_problem, system_record_json};
 use crate::domain::identity::IdType;
 use crate::domain::ids::ProfileId;
 use crate::domain::profile::Profile;
@@ -31,11 +32,11 @@ use crate::store::log::{CounterRecord, InstallRecord, LogRecord, MembershipRecor
 #[derive(Debug, Default)]
 pub struct Touched {
     /// Top-level trait keys that changed.
-    pub traits: Vec<Sym>,
+    pub traits: SmallVec<[Sym; 8]>,
     /// Counters that counted an event.
-    pub specs: Vec<SpecId>,
+    pub specs: SmallVec<[SpecId; 8]>,
     /// Identity types linked.
-    pub ids: Vec<IdType>,
+    pub ids: SmallVec<[IdType; 4]>,
     /// Everything may have changed (a merge): evaluate every segment.
     pub all: bool,
 }
@@ -139,19 +140,50 @@ impl Shard {
             self.rules
                 .affected(&touched.traits, &touched.specs, &touched.ids)
         };
-        if !segs.is_empty() {
-            let Some(profile) = self.profiles.get_mut(&pid) else {
-                return Ok(());
-            };
-            let changes = membership::evaluate(&self.rules, profile, &segs, now);
-            self.log_changes(pid, changes, Reason::Rule, now)?;
+        if segs.is_empty() {
+            return Ok(());
         }
-        if !self.rules.timed.is_empty()
-            && (touched.all || !touched.specs.is_empty() || !touched.traits.is_empty())
-        {
-            self.reschedule(pid, now);
+        let Some(profile) = self.profiles.get_mut(&pid) else {
+            return Ok(());
+        };
+        let changes = membership::evaluate(&self.rules, profile, &segs, now);
+        if !self.rules.timed.is_empty() {
+            // Which timed segments can bring the re-check earlier: those whose answer
+            // changed, those that read a changed trait date, or all on a new profile or
+            // merge. A new event alone never brings a window edge earlier (the k-th newest
+            // event of a superset is never older). A re-check planned earlier than needed
+            // just finds nothing to change, and plans the next from every timed segment.
+            let rules = &self.rules;
+            let due = segs
+                .iter()
+                .filter_map(|i| rules.get(*i))
+                .filter(|r| r.compiled.deps.timed)
+                .filter(|r| {
+                    touched.all
+                        || changes.iter().any(|(s, _)| *s == r.idx)
+                        || r.compiled
+                            .deps
+                            .traits
+                            .iter()
+                            .any(|k| touched.traits.contains(k))
+                })
+                .filter_map(|r| r.compiled.root.next_change(&*profile, now))
+                .min();
+            if let Some(d) = due
+                && self.due_of.get(&pid).is_none_or(|old| d < *old)
+            {
+                self.set_due(pid, d);
+            }
         }
-        Ok(())
+        self.log_changes(pid, changes, Reason::Rule, now)
+    }
+
+    /// Plans the profile's re-check at `due`.
+    fn set_due(&mut self, pid: ProfileId, due: i64) {
+        self.unschedule(pid);
+        self.schedule.insert((due, pid));
+        self.due_of.insert(pid, due);
+        self.arm();
     }
 
     /// Logs membership changes (already applied to the profile) as `segment.*` events of
@@ -179,19 +211,26 @@ impl Shard {
             } else {
                 "segment.exited"
             };
-            let props = serde_json::json!({"segment_id": &*rule.id, "reason": reason.as_str()});
-            let event = system_record(pid, seq, name, Some(props), at);
-            let pos = self
+            let props = format!(
+                "{{\"segment_id\":{},\"reason\":\"{}\"}}",
+                rule.id_json,
+                reason.as_str()
+            );
+            let event = system_record_json(pid, seq, name, &props, at);
+            let mut entry = super::event_ref(&event, 0);
+            entry.pos = self
                 .log
                 .append(&LogRecord::Membership(MembershipRecord {
-                    event: event.clone(),
+                    event,
                     segment: seg,
                     entered,
                 }))
                 .map_err(io_problem)?;
-            profile.add_event(super::event_ref(&event, pos));
+            profile.add_event(entry);
             rule.count
                 .fetch_add(if entered { 1 } else { -1 }, Ordering::AcqRel);
+            metrics::counter!("user360_segment_changes_total", "change" => if entered { "entered" } else { "exited" })
+                .increment(1);
             self.notices.push(MembershipChanged {
                 segment: seg,
                 profile: pid,
@@ -220,6 +259,7 @@ impl Shard {
                 continue;
             };
             rule.count.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("user360_segment_changes_total", "change" => "exited").increment(1);
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             self.notices.push(MembershipChanged {
                 segment: seg,
@@ -295,11 +335,9 @@ impl Shard {
         if self.due_of.get(&pid).copied() == due {
             return;
         }
-        self.unschedule(pid);
-        if let Some(d) = due {
-            self.schedule.insert((d, pid));
-            self.due_of.insert(pid, d);
-            self.arm();
+        match due {
+            Some(d) => self.set_due(pid, d),
+            None => self.unschedule(pid),
         }
     }
 
