@@ -195,7 +195,7 @@ fn seed_message(i: u64) -> Value {
     json!({"type": "identify", "userId": format!("seed-{i:08}"), "messageId": format!("seed-{i}"),
            "traits": {"plan": plans[(i % 3) as usize], "country": countries[(i % 4) as usize],
                       "seats": i % 50, "age": 18 + i % 60, "score": (i % 1000) as f64 / 10.0,
-                      "vip": i % 10 == 0, "name": format!("User {i}"), "city": "Pune",
+                      "vip": i.is_multiple_of(10), "name": format!("User {i}"), "city": "Pune",
                       "signup": "2026-01-15T10:00:00Z", "tags": ["beta"]}})
 }
 
