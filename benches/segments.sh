@@ -4,6 +4,7 @@
 #     and an event segment (which reads retained timelines), timed until `ready`;
 #  2. ingest with 100 active segments (half trait, half event rules) vs none, same workload.
 # Usage: cargo build --release --bins && N=1000000 SECS=10 bash benches/segments.sh
+# (ONLY=backfill or ONLY=ingest runs one part; MIX=broad for the broad segment mix.)
 set -euo pipefail
 BIN=${BIN:-target/release/user360}
 LG=${LG:-target/release/loadgen}
@@ -33,7 +34,7 @@ timed_segment() {
   echo "segment $id: ready in $((t1 - t0)) ms, $count members"
 }
 
-if [ "${SKIP_BACKFILL:-}" = "" ]; then
+if [ "${ONLY:-backfill}" = backfill ] || [ -z "${ONLY:-}" ]; then
 echo "== 1. backfill over $N profiles"
 start
 $LG --url "$url" --write-key "$wk" --seed-profiles "$N" --batch 1000 --connections 4
@@ -89,6 +90,7 @@ segments100() {
   done
   until [ "$(curl -sf -H "Authorization: Bearer $at" "$url/v1/segments?limit=1000" | grep -o '"status":"backfilling"' | wc -l)" = 0 ]; do sleep 0.1; done
 }
+[ "${ONLY:-}" = backfill ] && exit 0
 for round in 1 2; do
   start
   echo "-- round $round, no segments"

@@ -113,6 +113,8 @@ pub struct Shard {
     notices: Vec<MembershipChanged>,
     /// Memberships of profiles handed over to a merge, until it confirms or gives back.
     leaving: HashMap<ProfileId, Vec<(SegIdx, i64)>>,
+    /// Member-count changes of the current step.
+    step_counts: segments::StepCounts,
 }
 
 /// Size at which a log segment is rolled.
@@ -233,6 +235,7 @@ impl Shard {
             replayed: touched,
             notices: Vec::new(),
             leaving: HashMap::new(),
+            step_counts: Default::default(),
         })
     }
 
@@ -372,6 +375,7 @@ impl Shard {
     /// (`durability = "sync"`: after the group-commit fsync) or at once (`"relaxed"`: the
     /// fsync follows in the flusher's next round).
     fn commit_then(&mut self, answer: impl FnOnce(Result<(), Problem>) + Send + 'static) {
+        self.flush_counts();
         if let Err(e) = self.log.write_pending() {
             self.fail(&e);
             self.notices.clear();

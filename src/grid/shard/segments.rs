@@ -41,6 +41,30 @@ pub struct Touched {
     pub all: bool,
 }
 
+/// Member-count changes of the current step: (segment, delta, entered, exited).
+#[derive(Debug, Default)]
+pub struct StepCounts(Vec<(SegIdx, i64, u64, u64)>);
+
+impl StepCounts {
+    fn add(&mut self, seg: SegIdx, entered: bool) {
+        let i = match self.0.iter().position(|c| c.0 == seg) {
+            Some(i) => i,
+            None => {
+                self.0.push((seg, 0, 0, 0));
+                self.0.len() - 1
+            }
+        };
+        let c = &mut self.0[i];
+        if entered {
+            c.1 += 1;
+            c.2 += 1;
+        } else {
+            c.1 -= 1;
+            c.3 += 1;
+        }
+    }
+}
+
 /// A backfill in progress on this shard.
 #[derive(Debug)]
 pub struct Backfill {
@@ -227,10 +251,7 @@ impl Shard {
                 }))
                 .map_err(io_problem)?;
             profile.add_event(entry);
-            rule.count
-                .fetch_add(if entered { 1 } else { -1 }, Ordering::AcqRel);
-            metrics::counter!("user360_segment_changes_total", "change" => if entered { "entered" } else { "exited" })
-                .increment(1);
+            self.step_counts.add(seg, entered);
             self.notices.push(MembershipChanged {
                 segment: seg,
                 profile: pid,
@@ -255,11 +276,10 @@ impl Shard {
         merged_into: Option<ProfileId>,
     ) {
         for (seg, _) in memberships {
-            let Some(rule) = self.rules.get(seg) else {
+            if self.rules.get(seg).is_none() {
                 continue;
-            };
-            rule.count.fetch_sub(1, Ordering::AcqRel);
-            metrics::counter!("user360_segment_changes_total", "change" => "exited").increment(1);
+            }
+            self.step_counts.add(seg, false);
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             self.notices.push(MembershipChanged {
                 segment: seg,
@@ -319,6 +339,27 @@ impl Shard {
         Ok(())
     }
 
+    /// Applies the step's member-count changes to the shared counts and metrics (once per
+    /// step rather than once per change: counts are shared by every shard).
+    pub(super) fn flush_counts(&mut self) {
+        let (mut entered, mut exited) = (0u64, 0u64);
+        for (seg, delta, e, x) in self.step_counts.0.drain(..) {
+            if let Some(r) = self.rules.get(seg) {
+                r.count.fetch_add(delta, Ordering::AcqRel);
+            }
+            entered += e;
+            exited += x;
+        }
+        if entered > 0 {
+            metrics::counter!("user360_segment_changes_total", "change" => "entered")
+                .increment(entered);
+        }
+        if exited > 0 {
+            metrics::counter!("user360_segment_changes_total", "change" => "exited")
+                .increment(exited);
+        }
+    }
+
     /// Removes a profile's re-check.
     pub(super) fn unschedule(&mut self, pid: ProfileId) {
         if let Some(d) = self.due_of.remove(&pid) {
@@ -328,6 +369,9 @@ impl Shard {
 
     /// Plans the profile's next time re-check (if time alone can change a segment of it).
     pub(super) fn reschedule(&mut self, pid: ProfileId, now: i64) {
+        if self.rules.timed.is_empty() && self.due_of.is_empty() {
+            return;
+        }
         let due = match (self.rules.timed.is_empty(), self.profiles.get(&pid)) {
             (false, Some(p)) => membership::next_due(&self.rules, p, now),
             _ => None,
@@ -546,6 +590,12 @@ impl Handler<BackfillSlice> for Shard {
         match result {
             Err(p) => {
                 let _ = reply.send(Err(p));
+            }
+            // Slices are pipelined: only the last waits for the disk (one fsync covers the
+            // slices before it; a failed write fails the shard, so the next slice is refused).
+            Ok(()) if !done => {
+                self.commit_then(|_| {});
+                let _ = reply.send(Ok(false));
             }
             Ok(()) => self.commit_then(move |r| {
                 let _ = reply.send(r.map(|()| done));
