@@ -31,6 +31,25 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, indexed by its stored number.
+    pub const ALL: [Reason; 5] = [
+        Reason::Rule,
+        Reason::Window,
+        Reason::SegmentChanged,
+        Reason::Deleted,
+        Reason::Merged,
+    ];
+
+    /// The stored number.
+    pub fn code(self) -> u8 {
+        Reason::ALL.iter().position(|r| *r == self).unwrap_or(0) as u8
+    }
+
+    /// The reason of a stored number.
+    pub fn from_code(c: u8) -> Reason {
+        Reason::ALL.get(c as usize).copied().unwrap_or(Reason::Rule)
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +79,55 @@ pub struct MembershipChanged {
     pub seq: u64,
     /// The survivor, when the profile was merged away.
     pub merged_into: Option<ProfileId>,
+}
+
+/// The `segment.entered` / `segment.exited` event a membership record stands for, as the
+/// API shows events (field order of `EventOut`). Its message id is derived from the change
+/// sequence, so rendering it again gives the same text.
+pub fn render_membership(m: &crate::store::log::MembershipRecord) -> String {
+    use std::fmt::Write as _;
+    let mut json = String::with_capacity(360 + m.segment_id.len());
+    let name = if m.entered {
+        "segment.entered"
+    } else {
+        "segment.exited"
+    };
+    let _ = write!(
+        json,
+        "{{\"message_id\":\"sys-{:016x}\",\"seq\":{},\"type\":\"system\",\"event\":\"{name}\",\"name\":null,\"category\":null,\"properties\":{{\"segment_id\":",
+        m.seq, m.seq
+    );
+    crate::domain::event::push_json_str(&mut json, &m.segment_id);
+    let _ = write!(
+        json,
+        ",\"reason\":\"{}\"}},\"traits\":null,\"context\":null,\"user_id\":null,\"anonymous_id\":null,\"group_id\":null,\"previous_id\":null,\"timestamp\":\"",
+        Reason::from_code(m.reason).as_str()
+    );
+    crate::segment::timefmt::write_ms(&mut json, m.at_ms);
+    json.push_str("\",\"received_at\":\"");
+    crate::segment::timefmt::write_ms(&mut json, m.at_ms);
+    json.push_str("\"}");
+    json
+}
+
+/// The timeline entry of a membership record at `pos`.
+pub fn membership_ref(
+    m: &crate::store::log::MembershipRecord,
+    pos: u64,
+) -> crate::domain::event::EventRef {
+    let name = if m.entered {
+        "segment.entered"
+    } else {
+        "segment.exited"
+    };
+    crate::domain::event::EventRef::new(
+        m.at_ms,
+        m.seq,
+        pos,
+        (m.at_ms / 1000).clamp(0, u32::MAX as i64) as u32,
+        event_names().intern(name),
+        EventKind::System,
+    )
 }
 
 /// Counts an event into the profile's counters of the specs that read its name. Pushes the

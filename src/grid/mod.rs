@@ -625,7 +625,7 @@ impl Grid {
     pub fn read_event(&self, pos: Position) -> std::io::Result<String> {
         match self.reader.read(pos)? {
             LogRecord::Event(e) => Ok(e.json),
-            LogRecord::Membership(m) => Ok(m.event.json),
+            LogRecord::Membership(m) => Ok(membership::render_membership(&m)),
             other => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(

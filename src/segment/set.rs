@@ -82,8 +82,6 @@ pub struct SegmentRule {
     pub id: Arc<str>,
     /// Display name.
     pub name: Arc<str>,
-    /// The id as a JSON string (quoted), for the many `segment.*` events that carry it.
-    pub id_json: Box<str>,
     /// The compiled rule and what it reads.
     pub compiled: Compiled,
     /// Position in evaluation order.
@@ -296,7 +294,6 @@ impl RuleSet {
             set.segments[idx as usize] = Some(Arc::new(SegmentRule {
                 idx,
                 id: d.id.as_str().into(),
-                id_json: Value::from(d.id.as_str()).to_string().into_boxed_str(),
                 name: d.name.as_str().into(),
                 compiled: c,
                 rank: rank[&idx],

@@ -130,16 +130,25 @@ pub struct AbsorbedRecord {
     pub state: crate::store::snapshot::ShardChunk,
 }
 
-/// A profile entered or left a segment: the `segment.entered` / `segment.exited` event
-/// of its timeline, and the membership change itself for replay.
+/// A profile entered or left a segment. It is also the `segment.entered` /
+/// `segment.exited` event of the profile's timeline, rendered when read (these are many,
+/// so they are stored compact).
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub struct MembershipRecord {
-    /// The standard event (its `seq` is the change sequence).
-    pub event: EventRecord,
+    /// Server-wide accept sequence: the change sequence.
+    pub seq: u64,
+    /// The profile.
+    pub profile: u128,
+    /// Server time of the change (for a window, the instant it passed).
+    pub at_ms: i64,
     /// The segment's internal index.
     pub segment: u32,
+    /// The segment's API id.
+    pub segment_id: String,
     /// Entered (true) or left.
     pub entered: bool,
+    /// Why (`grid::membership::Reason` as a number).
+    pub reason: u8,
 }
 
 /// The counters this shard keeps from here on (after a segment was created, changed or
@@ -197,17 +206,25 @@ impl LogRecord {
             LogRecord::Delete(r) => r.profile,
             LogRecord::MergedAway(r) => r.profile,
             LogRecord::Absorbed(r) => r.profile,
-            LogRecord::Membership(r) => r.event.profile,
+            LogRecord::Membership(r) => r.profile,
             LogRecord::Install(_) => 0,
             LogRecord::Counter(r) => r.profile,
         }
     }
 
-    /// The timeline event a record carries (events and membership changes).
+    /// The stored event a record is (accepted messages and standard events).
     pub fn event(&self) -> Option<&EventRecord> {
         match self {
             LogRecord::Event(e) => Some(e),
-            LogRecord::Membership(m) => Some(&m.event),
+            _ => None,
+        }
+    }
+
+    /// The time of the timeline entry a record makes, if it makes one.
+    pub fn event_time(&self) -> Option<i64> {
+        match self {
+            LogRecord::Event(e) => Some(e.ts_ms),
+            LogRecord::Membership(m) => Some(m.at_ms),
             _ => None,
         }
     }
@@ -220,7 +237,7 @@ impl LogRecord {
             LogRecord::Delete(r) => r.seq,
             LogRecord::MergedAway(r) => r.seq,
             LogRecord::Absorbed(r) => r.seq,
-            LogRecord::Membership(r) => r.event.seq,
+            LogRecord::Membership(r) => r.seq,
             LogRecord::Install(r) => r.seq,
             LogRecord::Counter(r) => r.seq,
         }
@@ -394,11 +411,11 @@ impl ShardLog {
         let crc = crc32fast::hash(&self.pending[start + 8..]);
         self.pending[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.pending[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        if let Some(e) = record.event() {
+        if let Some(ts) = record.event_time() {
             let mut metas = self.segments.write();
             if let Some(m) = metas.last_mut() {
-                m.min_ts = m.min_ts.min(e.ts_ms);
-                m.max_ts = m.max_ts.max(e.ts_ms);
+                m.min_ts = m.min_ts.min(ts);
+                m.max_ts = m.max_ts.max(ts);
             }
         }
         Ok(position(self.shard, self.segment, offset))

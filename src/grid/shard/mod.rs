@@ -663,9 +663,9 @@ fn replay(
             profile.updated_at = profile.updated_at.max(e.received_ms);
         }
         LogRecord::Membership(m) => {
-            if let Some(profile) = profiles.get_mut(&ProfileId(m.event.profile)) {
-                profile.set_member(m.segment, m.entered, m.event.ts_ms);
-                profile.add_event(event_ref(&m.event, pos));
+            if let Some(profile) = profiles.get_mut(&ProfileId(m.profile)) {
+                profile.set_member(m.segment, m.entered, m.at_ms);
+                profile.add_event(super::membership::membership_ref(&m, pos));
             }
         }
         LogRecord::Counter(c) => {

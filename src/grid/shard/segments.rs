@@ -16,7 +16,7 @@ use actix::{Handler, Message as ActixMessage};
 use smallvec::SmallVec;
 use tokio::sync::oneshot;
 
-use super::{Shard, io_problem, system_record_json};
+use super::{Shard, io_problem};
 use crate::domain::identity::IdType;
 use crate::domain::ids::ProfileId;
 use crate::domain::profile::Profile;
@@ -230,25 +230,19 @@ impl Shard {
                 continue;
             };
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
-            let name = if entered {
-                "segment.entered"
-            } else {
-                "segment.exited"
+            let record = MembershipRecord {
+                seq,
+                profile: pid.0,
+                at_ms: at,
+                segment: seg,
+                segment_id: rule.id.to_string(),
+                entered,
+                reason: reason.code(),
             };
-            let props = format!(
-                "{{\"segment_id\":{},\"reason\":\"{}\"}}",
-                rule.id_json,
-                reason.as_str()
-            );
-            let event = system_record_json(pid, seq, name, &props, at);
-            let mut entry = super::event_ref(&event, 0);
+            let mut entry = membership::membership_ref(&record, 0);
             entry.pos = self
                 .log
-                .append(&LogRecord::Membership(MembershipRecord {
-                    event,
-                    segment: seg,
-                    entered,
-                }))
+                .append(&LogRecord::Membership(record))
                 .map_err(io_problem)?;
             profile.add_event(entry);
             self.step_counts.add(seg, entered);
