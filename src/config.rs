@@ -178,6 +178,14 @@ pub struct TriggerSettings {
     pub max_attempts: u32,
     /// Days of delivery history.
     pub history_days: u64,
+    /// Time allowed for one delivery attempt (connect, send, answer).
+    pub timeout_ms: u64,
+    /// Deliveries in flight at once per trigger (its endpoint).
+    pub max_concurrency: usize,
+    /// Wait before the first retry; it doubles with every attempt.
+    pub first_retry_ms: u64,
+    /// Longest wait between attempts.
+    pub max_retry_ms: u64,
 }
 
 /// SSE settings.

@@ -23,6 +23,13 @@
 //! `ApplyBatch` per shard) → `grid::shard::Shard` (apply to profiles, append to the log,
 //! flush) → answer. See `docs/architecture.md`.
 
+/// Installs the TLS crypto provider (rustls with ring) for every HTTP client of the
+/// process: webhook delivery, the CLI, the load generator, tests. Without it, building a
+/// client panics; calling it twice is harmless.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -75,6 +75,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // TLS for webhooks and the CLI's HTTPS: rustls with the ring provider (no C crypto
+    // build); without a provider installed, building an HTTP client panics.
+    user360::init_tls();
     match cli.command {
         Command::Serve {
             config,

@@ -8,7 +8,7 @@
 //! test runs those steps (substituting an equivalent read available today, e.g. listing all
 //! profiles instead of a JSONL export).
 //!
-//! Pending features: triggers (issue 7), export (issue 8).
+//! Pending features: export (issue 8).
 
 mod common;
 
@@ -24,11 +24,11 @@ use time::{OffsetDateTime, UtcOffset};
 /// Cases with at least one test that runs today.
 const COVERED: &[&str] = &[
     "BC-01", "BC-02", "BC-03", "BC-04", "BC-06", "BC-07", "BC-08", "BC-09", "BC-10", "BC-11",
-    "BC-12", "BC-13", "BC-15", "BC-17", "BC-18", "BC-20", "BC-25",
+    "BC-12", "BC-13", "BC-15", "BC-17", "BC-18", "BC-20", "BC-21", "BC-22", "BC-25",
 ];
 
 /// Cases whose tests are all ignored until a pending feature lands.
-const PENDING: &[&str] = &["BC-21", "BC-22", "BC-24"];
+const PENDING: &[&str] = &["BC-24"];
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -2088,7 +2088,6 @@ async fn bc_20_skew_is_corrected_as_an_exact_duration() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-#[ignore = "pending: triggers (issue 7)"]
 async fn bc_21_time_window_members_leave_as_events_age_out() {
     let s = Server::manual().await;
     let hook = Receiver::start().await;
@@ -2177,7 +2176,6 @@ async fn bc_21_time_window_members_leave_as_events_age_out() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-#[ignore = "pending: triggers (issue 7)"]
 async fn bc_22_audience_sync_removes_as_well_as_adds() {
     let s = Server::start().await;
     let hook = Receiver::start().await;

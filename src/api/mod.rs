@@ -13,6 +13,7 @@ pub mod ops;
 pub mod profiles;
 pub mod segments;
 pub mod snapshots;
+pub mod triggers;
 
 use std::sync::{Arc, OnceLock};
 
@@ -90,6 +91,17 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(segments::delete),
         )
         .route("/v1/segments/{id}/members", get(segments::members))
+        .route("/v1/segments/{id}/stream", get(triggers::stream))
+        .route("/v1/triggers", get(triggers::list).post(triggers::create))
+        .route(
+            "/v1/triggers/{id}",
+            get(triggers::get_one).delete(triggers::delete),
+        )
+        .route("/v1/triggers/{id}/deliveries", get(triggers::deliveries))
+        .route(
+            "/v1/triggers/{id}/deliveries/{delivery}/retry",
+            post(triggers::retry),
+        )
         .route(
             "/v1/profiles/{key}",
             get(profiles::get_one).delete(profiles::delete),

@@ -377,6 +377,7 @@ async fn baseline_server() -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    user360::init_tls();
     println!(
         "loadgen: {} connections, {} s, {} messages per request, {} users (zipf 1.1), {:.0}% anonymous-to-known, {:.0}% new identity links",
         args.connections,

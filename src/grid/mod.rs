@@ -8,6 +8,7 @@
 
 pub mod catalog;
 pub mod clock;
+pub mod dispatch;
 pub mod membership;
 pub mod registry;
 pub mod segment_actor;
@@ -15,6 +16,7 @@ pub mod segments;
 pub mod shard;
 pub mod snapshot;
 pub mod timer;
+pub mod triggers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -71,6 +73,8 @@ pub struct Grid {
     pub segments: segments::Segments,
     /// Wall time of the last snapshot (periodic snapshots follow wall time).
     last_snapshot_wall: AtomicI64,
+    /// Webhook delivery: one worker per trigger.
+    pub dispatcher: dispatch::Dispatcher,
 }
 
 /// The actor is gone: only during shutdown.
@@ -121,6 +125,7 @@ impl Grid {
         let segments =
             segments::Segments::open(definitions, snapshot_definitions, settings.stream.buffer)?;
         let (notify, changes) = tokio::sync::mpsc::unbounded_channel();
+        let (dispatch_tx, dispatch_rx) = tokio::sync::mpsc::unbounded_channel();
         let reader = Arc::new(LogReader::new(&settings.data_dir));
         let ctx = Arc::new(ShardContext {
             settings: settings.clone(),
@@ -137,6 +142,7 @@ impl Grid {
             reader: reader.clone(),
             timers: timers.clone(),
             notify,
+            dispatch: dispatch_tx,
         });
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))
@@ -176,6 +182,17 @@ impl Grid {
             shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| shard));
             arbiters.push(arbiter);
         }
+        let dispatcher = dispatch::Dispatcher::new(dispatch::DispatchContext {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(settings.triggers.max_concurrency.max(1))
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot build the webhook HTTP client: {e}"))?,
+            clock: clock.clone(),
+            timers: timers.clone(),
+            history: crate::store::deliveries::HistoryStore::open(snapshots.db())?,
+            settings: settings.triggers.clone(),
+            end: dispatch::end_batcher(shards.clone()),
+        });
         metrics::gauge!("user360_profiles").set(registry.profile_count() as f64);
         metrics::gauge!("user360_shards").set(shard_count as f64);
         let grid = Arc::new(Grid {
@@ -195,9 +212,11 @@ impl Grid {
             settings,
             segments,
             last_snapshot_wall: AtomicI64::new(clock::wall_ms()),
+            dispatcher,
         });
         grid.drop_absorbed().await;
         grid.start_segments(changes).await;
+        grid.start_dispatch(dispatch_rx).await;
         grid.schedule_retention();
         grid.schedule_snapshots();
         grid.watch_disk();

@@ -30,6 +30,24 @@ use crate::store::definitions::DefinitionStore;
 /// Profiles per backfill slice: a slice holds its shard for about a millisecond.
 const BACKFILL_SLICE: usize = 2048;
 
+/// What an edit of the definitions asks of the shards.
+#[derive(Debug, Default)]
+pub(crate) struct Edit {
+    /// A created or changed segment to backfill.
+    pub backfill: Option<SegIdx>,
+    /// A new trigger (and its segment) whose current members are queued.
+    pub send_existing: Option<(u32, SegIdx)>,
+}
+
+impl Edit {
+    fn backfill(idx: SegIdx) -> Edit {
+        Edit {
+            backfill: Some(idx),
+            send_existing: None,
+        }
+    }
+}
+
 /// The segment state of a running server.
 pub struct Segments {
     /// Where definitions are kept.
@@ -205,6 +223,11 @@ impl Segments {
         self.rules.read().clone()
     }
 
+    /// The definitions in force.
+    pub fn definitions(&self) -> Arc<Definitions> {
+        self.current.read().clone()
+    }
+
     /// The definitions in force (for snapshots and backups).
     pub fn definitions_json(&self) -> String {
         serde_json::to_string(&**self.current.read()).expect("definitions serialise")
@@ -325,7 +348,8 @@ impl Grid {
             .collect();
         let guard = segs.edits.clone().lock_owned().await;
         let backfill = (!pending.is_empty()).then_some((pending, Reason::Rule));
-        if let Err(p) = self.install(backfill.clone(), true).await {
+        self.dispatcher.start_workers(&defs.triggers);
+        if let Err(p) = self.install(backfill.clone(), None, true).await {
             tracing::error!(error = %p.message, "cannot put the segment rules in force");
             return;
         }
@@ -339,6 +363,7 @@ impl Grid {
     async fn install(
         &self,
         backfill: Option<(Vec<SegIdx>, Reason)>,
+        send_existing: Option<(u32, SegIdx)>,
         startup: bool,
     ) -> Result<(), Problem> {
         let rules = self.segments.rules();
@@ -348,6 +373,7 @@ impl Grid {
             self.shard(i).do_send(InstallRules {
                 rules: rules.clone(),
                 backfill: backfill.clone(),
+                send_existing,
                 startup,
                 reply: tx,
             });
@@ -409,16 +435,20 @@ impl Grid {
     }
 
     /// Applies an edit of the definitions: compiles, saves, installs on every shard and
-    /// starts the backfill of `changed` (with `reason`). Answers the edited definitions.
-    async fn edit(
+    /// starts the backfill of the segment it changed (with `reason`). Answers the edited
+    /// definitions.
+    pub(crate) async fn edit(
         self: &Arc<Self>,
-        change: impl FnOnce(&mut Definitions) -> Result<Option<SegIdx>, Problem>,
+        change: impl FnOnce(&mut Definitions) -> Result<Edit, Problem>,
         reason: Reason,
     ) -> Result<(Arc<Definitions>, Option<SegIdx>), Problem> {
         let guard = self.segments.edits.clone().lock_owned().await;
         let segs = &self.segments;
         let mut defs = (**segs.current.read()).clone();
-        let changed = change(&mut defs)?;
+        let Edit {
+            backfill: changed,
+            send_existing,
+        } = change(&mut defs)?;
         let rules = segs.compile(&mut defs).map_err(|(_, p)| p)?;
         segs.save(&defs)?;
         let defs = Arc::new(defs);
@@ -431,8 +461,12 @@ impl Grid {
         }
         segs.actors
             .retain(|idx, _| defs.segments.iter().any(|d| d.idx == *idx));
+        // Workers of new triggers exist before any shard makes deliveries for them; those
+        // of deleted ones stop once no shard does.
+        self.dispatcher.start_workers(&defs.triggers);
         let backfill = changed.map(|idx| (vec![idx], reason));
-        self.install(backfill.clone(), false).await?;
+        self.install(backfill.clone(), send_existing, false).await?;
+        self.dispatcher.retain_workers(&defs.triggers);
         if backfill.is_some() {
             self.spawn_backfill(guard);
         }
@@ -469,7 +503,7 @@ impl Grid {
                         created_at: now,
                         updated_at: now,
                     });
-                    Ok(Some(idx))
+                    Ok(Edit::backfill(idx))
                 },
                 Reason::Rule,
             )
@@ -514,7 +548,7 @@ impl Grid {
                     d.rule = input.rule;
                     d.status = SegmentStatus::Backfilling;
                     d.updated_at = now;
-                    Ok(Some(d.idx))
+                    Ok(Edit::backfill(d.idx))
                 },
                 Reason::SegmentChanged,
             )
@@ -547,21 +581,28 @@ impl Grid {
                     })
                     .map(|d| d.id.clone())
                     .collect();
+                let triggers: Vec<String> = defs
+                    .triggers
+                    .iter()
+                    .filter(|t| t.segment == id)
+                    .map(|t| format!("trigger {:?}", t.id))
+                    .collect();
+                let users: Vec<String> = users
+                    .iter()
+                    .map(|u| format!("segment {u:?}"))
+                    .chain(triggers)
+                    .collect();
                 if !users.is_empty() {
                     return Err(Problem::new(
                         ErrorCode::Conflict,
                         format!(
-                            "segment {id:?} is referred to by segment(s) {}; change or delete them first",
-                            users
-                                .iter()
-                                .map(|u| format!("{u:?}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "segment {id:?} is referred to by {}; change or delete them first",
+                            users.join(", ")
                         ),
                     ));
                 }
                 defs.segments.remove(pos);
-                Ok(None)
+                Ok(Edit::default())
             },
             Reason::Rule,
         )

@@ -52,12 +52,43 @@ pub struct SegmentDef {
     pub updated_at: i64,
 }
 
-/// Everything defined by users that must survive restarts (segments now; triggers and
-/// mappings join it later). Stored as JSON, small.
+/// A trigger as stored: where a segment's entries and exits are pushed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerDef {
+    /// Internal number (never reused).
+    pub idx: u32,
+    /// API id.
+    pub id: String,
+    /// The segment's API id.
+    pub segment: String,
+    /// Deliver entries.
+    pub on_enter: bool,
+    /// Deliver exits.
+    pub on_exit: bool,
+    /// Where deliveries are POSTed.
+    pub url: String,
+    /// HMAC key of `X-User360-Signature` (never shown).
+    pub secret: Option<String>,
+    /// Extra request headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Whether current members were queued at creation.
+    pub send_existing: bool,
+    /// Server time of creation.
+    pub created_at: i64,
+}
+
+/// Everything defined by users that must survive restarts (segments, triggers; mappings
+/// join it later). Stored as JSON, small.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Definitions {
     /// Segments, in creation order.
     pub segments: Vec<SegmentDef>,
+    /// Triggers, in creation order.
+    #[serde(default)]
+    pub triggers: Vec<TriggerDef>,
+    /// Next trigger index.
+    #[serde(default)]
+    pub next_trigger: u32,
     /// Counter specs in use, by id.
     pub specs: Vec<(SpecId, SpecDef)>,
     /// Next segment index.
@@ -71,6 +102,24 @@ impl Definitions {
     pub fn segment(&self, id: &str) -> Option<&SegmentDef> {
         self.segments.iter().find(|s| s.id == id)
     }
+
+    /// The trigger with an API id.
+    pub fn trigger(&self, id: &str) -> Option<&TriggerDef> {
+        self.triggers.iter().find(|t| t.id == id)
+    }
+}
+
+/// A trigger as the shards see it: which changes of its segment make deliveries.
+#[derive(Debug)]
+pub struct TriggerRule {
+    /// Internal index.
+    pub idx: u32,
+    /// API id (part of every delivery id).
+    pub id: Arc<str>,
+    /// Entries make deliveries.
+    pub on_enter: bool,
+    /// Exits make deliveries.
+    pub on_exit: bool,
 }
 
 /// One compiled segment.
@@ -111,6 +160,8 @@ pub struct RuleSet {
     pub timed: Vec<SegIdx>,
     /// Counter specs in use.
     pub specs: HashMap<SpecId, Arc<CounterSpec>>,
+    /// Segment → the triggers pushing its changes.
+    pub triggers: HashMap<SegIdx, Vec<Arc<TriggerRule>>>,
 }
 
 /// Allocates segment indexes and spec ids against the stored definitions.
@@ -301,6 +352,19 @@ impl RuleSet {
             }));
         }
         set.order = order;
+        for t in &defs.triggers {
+            if let Some(seg) = ids.get(&t.segment) {
+                set.triggers
+                    .entry(*seg)
+                    .or_default()
+                    .push(Arc::new(TriggerRule {
+                        idx: t.idx,
+                        id: t.id.as_str().into(),
+                        on_enter: t.on_enter,
+                        on_exit: t.on_exit,
+                    }));
+            }
+        }
         // Only the specs some rule reads stay.
         alloc.used.sort_unstable();
         alloc.used.dedup();

@@ -174,6 +174,45 @@ pub struct CounterRecord {
     pub counter: Option<crate::segment::counter::Counter>,
 }
 
+/// One webhook delivery waiting to be sent: made in the step of the membership change
+/// it announces, kept until delivered or failed.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct OutboxEntry {
+    /// Delivery id (derived from trigger, profile and change sequence).
+    pub delivery: String,
+    /// The trigger's internal index.
+    pub trigger: u32,
+    /// The profile the change is about.
+    pub profile: u128,
+    /// The change sequence (orders the deliveries of one trigger and profile).
+    pub seq: u64,
+    /// `segment.entered` (true) or `segment.exited`.
+    pub entered: bool,
+    /// The payload without its final `"attempt"` member (the JSON object text up to, not
+    /// including, its closing brace).
+    pub body: String,
+    /// Server time the change happened.
+    pub at_ms: i64,
+}
+
+/// Deliveries queued (or re-queued, or rewritten by an erasure) on this shard.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct OutboxRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// The entries (an entry with a known delivery id replaces it).
+    pub entries: Vec<OutboxEntry>,
+}
+
+/// Deliveries that ended (delivered, failed, or their trigger deleted).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct OutboxDoneRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// Their ids.
+    pub deliveries: Vec<String>,
+}
+
 /// Every kind of state change a shard logs. New variants go at the end (older records
 /// keep their encoding).
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
@@ -194,11 +233,15 @@ pub enum LogRecord {
     Install(InstallRecord),
     /// A counter recomputed by a backfill.
     Counter(CounterRecord),
+    /// Webhook deliveries queued.
+    Outbox(OutboxRecord),
+    /// Webhook deliveries that ended.
+    OutboxDone(OutboxDoneRecord),
 }
 
 impl LogRecord {
     /// The profile the record is about.
-    /// (0 for install records, which are about the whole shard).
+    /// (0 for install and outbox records, which are about the whole shard).
     pub fn profile(&self) -> u128 {
         match self {
             LogRecord::Event(r) => r.profile,
@@ -207,7 +250,7 @@ impl LogRecord {
             LogRecord::MergedAway(r) => r.profile,
             LogRecord::Absorbed(r) => r.profile,
             LogRecord::Membership(r) => r.profile,
-            LogRecord::Install(_) => 0,
+            LogRecord::Install(_) | LogRecord::Outbox(_) | LogRecord::OutboxDone(_) => 0,
             LogRecord::Counter(r) => r.profile,
         }
     }
@@ -240,6 +283,8 @@ impl LogRecord {
             LogRecord::Membership(r) => r.seq,
             LogRecord::Install(r) => r.seq,
             LogRecord::Counter(r) => r.seq,
+            LogRecord::Outbox(r) => r.seq,
+            LogRecord::OutboxDone(r) => r.seq,
         }
     }
 }

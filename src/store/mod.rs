@@ -9,6 +9,7 @@ pub mod backup;
 pub mod codec;
 pub mod compat;
 pub mod definitions;
+pub mod deliveries;
 pub mod flush;
 pub mod log;
 pub mod meta;

@@ -69,6 +69,9 @@ pub struct ShardChunk {
     /// The counters the shard kept when the chunk was cut (`[[id, spec], ...]` as JSON);
     /// replay from the chunk's position counts with these until an install record.
     pub specs_json: String,
+    /// Webhook deliveries waiting, in the shard's last chunk (replay applies outbox
+    /// records from that chunk's position on).
+    pub outbox: Vec<crate::store::log::OutboxEntry>,
 }
 
 /// Where a chunk sits and what it covers.
@@ -177,7 +180,12 @@ fn chunk_key(id: u64, shard: u16, index: u32) -> String {
 }
 
 impl SnapshotStore {
-    /// Opens the snapshots tree.
+    /// The sled database the snapshots live in (other stores share it).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Opens the snapshot tree of `db`.
     pub fn open(db: &sled::Db) -> Result<SnapshotStore, SnapshotError> {
         Ok(SnapshotStore {
             tree: db.open_tree("snapshots")?,

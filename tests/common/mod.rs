@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hook;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +65,7 @@ impl Server {
 
     /// Starts a server on an existing data dir (restart tests).
     pub async fn start_in(dir: &Path, opts: Opts) -> Server {
+        user360::init_tls();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_user360"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir);

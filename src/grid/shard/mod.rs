@@ -7,6 +7,7 @@
 //! causes (evaluated here, where the data is; see [`segments`]). Requests arrive as one
 //! message per shard per HTTP request (`do_send` with a oneshot reply), never one per event.
 
+pub mod outbox;
 pub mod segments;
 
 use std::cmp::Reverse;
@@ -35,8 +36,8 @@ use crate::segment::compile::SegIdx;
 use crate::segment::set::{RuleSet, SpecSet};
 use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
-    DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, PatchRecord, Position,
-    ShardLog,
+    DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, OutboxEntry, PatchRecord,
+    Position, ShardLog,
 };
 use crate::store::snapshot::{ChunkInfo, ShardChunk};
 
@@ -64,6 +65,8 @@ pub struct ShardContext {
     pub timers: Arc<Timers>,
     /// Where membership changes go once durable (the segment actors' hub).
     pub notify: tokio::sync::mpsc::UnboundedSender<Vec<MembershipChanged>>,
+    /// Where queued webhook deliveries go once durable (the dispatcher).
+    pub dispatch: tokio::sync::mpsc::UnboundedSender<super::dispatch::DispatchEvent>,
 }
 
 /// One shard.
@@ -115,6 +118,12 @@ pub struct Shard {
     leaving: HashMap<ProfileId, Vec<(SegIdx, i64)>>,
     /// Member-count changes of the current step.
     step_counts: segments::StepCounts,
+    /// Webhook deliveries queued here and not ended yet, by delivery id.
+    outbox: HashMap<String, OutboxEntry>,
+    /// Deliveries queued in the current step (logged at its end).
+    step_outbox: Vec<OutboxEntry>,
+    /// Deliveries logged in the current step, for the dispatcher once durable.
+    new_deliveries: Vec<OutboxEntry>,
 }
 
 /// Size at which a log segment is rolled.
@@ -137,6 +146,19 @@ impl Shard {
         let mut specs = snapshot
             .first()
             .map(|(_, c)| segments::specs_from_json(&c.specs_json))
+            .unwrap_or_default();
+        // The outbox is in the last chunk; replay applies outbox records after its position.
+        let (mut outbox, outbox_from): (HashMap<String, OutboxEntry>, Position) = snapshot
+            .last()
+            .map(|(info, c)| {
+                (
+                    c.outbox
+                        .iter()
+                        .map(|e| (e.delivery.clone(), e.clone()))
+                        .collect(),
+                    info.covers,
+                )
+            })
             .unwrap_or_default();
         for (info, chunk) in snapshot {
             let (ps, sys) = super::snapshot::decode_chunk(chunk);
@@ -181,10 +203,29 @@ impl Shard {
             {
                 ctx.dedup.restore(e.dedup_hash, e.received_ms);
             }
-            if let LogRecord::Install(i) = &rec {
-                // About the whole shard: counters kept from this position on.
-                specs = segments::specs_from_json(&i.specs_json);
-                return;
+            match &rec {
+                LogRecord::Install(i) => {
+                    // About the whole shard: counters kept from this position on.
+                    specs = segments::specs_from_json(&i.specs_json);
+                    return;
+                }
+                LogRecord::Outbox(o) => {
+                    if pos >= outbox_from {
+                        for e in &o.entries {
+                            outbox.insert(e.delivery.clone(), e.clone());
+                        }
+                    }
+                    return;
+                }
+                LogRecord::OutboxDone(d) => {
+                    if pos >= outbox_from {
+                        for id in &d.deliveries {
+                            outbox.remove(id);
+                        }
+                    }
+                    return;
+                }
+                _ => {}
             }
             if pos >= covering(rec.profile()) {
                 replayed += 1;
@@ -236,6 +277,9 @@ impl Shard {
             notices: Vec::new(),
             leaving: HashMap::new(),
             step_counts: Default::default(),
+            outbox,
+            step_outbox: Vec::new(),
+            new_deliveries: Vec::new(),
         })
     }
 
@@ -376,18 +420,30 @@ impl Shard {
     /// fsync follows in the flusher's next round).
     fn commit_then(&mut self, answer: impl FnOnce(Result<(), Problem>) + Send + 'static) {
         self.flush_counts();
-        if let Err(e) = self.log.write_pending() {
+        if let Err(e) = self.flush_outbox().and_then(|()| self.log.write_pending()) {
             self.fail(&e);
             self.notices.clear();
+            self.new_deliveries.clear();
             answer(Err(io_problem(e)));
             return;
         }
-        // Membership changes of this step reach the segment actors only once durable.
+        // Membership changes and deliveries of this step leave the shard only once durable.
         let notices = std::mem::take(&mut self.notices);
         let notify = self.ctx.notify.clone();
+        let deliveries = std::mem::take(&mut self.new_deliveries);
+        let dispatch = self.ctx.dispatch.clone();
+        let shard = self.id;
         let answer = move |r: Result<(), Problem>| {
-            if r.is_ok() && !notices.is_empty() {
-                let _ = notify.send(notices);
+            if r.is_ok() {
+                if !notices.is_empty() {
+                    let _ = notify.send(notices);
+                }
+                if !deliveries.is_empty() {
+                    let _ = dispatch.send(super::dispatch::DispatchEvent {
+                        shard,
+                        entries: deliveries,
+                    });
+                }
             }
             answer(r)
         };
@@ -673,7 +729,8 @@ fn replay(
                 profile.set_counter(c.spec, c.counter);
             }
         }
-        LogRecord::Install(_) => {} // handled by the caller (it is about the whole shard)
+        // Handled by the caller: they are about the whole shard.
+        LogRecord::Install(_) | LogRecord::Outbox(_) | LogRecord::OutboxDone(_) => {}
         LogRecord::Patch(p) => {
             let pid = ProfileId(p.profile);
             let profile = profiles.entry(pid).or_insert_with(|| {
@@ -1179,7 +1236,14 @@ impl Handler<DeleteProfile> for Shard {
             return;
         };
         let memberships = std::mem::take(&mut profile.memberships);
-        self.end_memberships(pid, memberships, Reason::Deleted, now, None);
+        // Queued deliveries about it lose its traits; then one exit per membership, with
+        // its id and identities only.
+        self.strip_deliveries(pid);
+        for m in &profile.merged_from {
+            self.strip_deliveries(*m);
+        }
+        let shown = outbox::profile_payload(&profile, outbox::Shown::Identities);
+        self.end_memberships(pid, memberships, Reason::Deleted, now, None, &shown);
         self.unschedule(pid);
         let ids: Vec<Identity> = profile.identities.into_iter().map(|h| h.identity).collect();
         self.ctx.registry.remove_profile(pid, &ids);
@@ -1391,6 +1455,10 @@ impl Handler<EncodeChunk> for Shard {
         let system: &[(ProfileId, EventRef)] = if done { &self.system_log } else { &[] };
         let mut chunk = super::snapshot::encode_chunk(slice.into_iter(), system);
         chunk.specs_json = segments::specs_to_json(&self.specs);
+        if done {
+            chunk.outbox = self.outbox.values().cloned().collect();
+            chunk.outbox.sort_by_key(|e| e.seq);
+        }
         let _ = msg.reply.send(Ok((chunk, last, covers, done)));
     }
 }
@@ -1539,12 +1607,14 @@ impl Handler<ConfirmMergedAway> for Shard {
         }
         if let Some(memberships) = self.leaving.remove(&msg.profile) {
             let now = self.ctx.clock.now_ms();
+            let shown = format!("{{\"id\":\"{}\"}}", msg.profile);
             self.end_memberships(
                 msg.profile,
                 memberships,
                 Reason::Merged,
                 now,
                 Some(msg.into),
+                &shown,
             );
         }
         let reply = msg.reply;

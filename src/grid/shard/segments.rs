@@ -222,12 +222,12 @@ impl Shard {
         if changes.is_empty() {
             return Ok(());
         }
-        let Some(profile) = self.profiles.get_mut(&pid) else {
-            return Ok(());
-        };
         for (seg, entered) in changes {
-            let Some(rule) = self.rules.get(seg) else {
+            let Some(rule) = self.rules.get(seg).cloned() else {
                 continue;
+            };
+            let Some(profile) = self.profiles.get_mut(&pid) else {
+                return Ok(());
             };
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             let record = MembershipRecord {
@@ -246,6 +246,12 @@ impl Shard {
                 .map_err(io_problem)?;
             profile.add_event(entry);
             self.step_counts.add(seg, entered);
+            if self.rules.triggers.contains_key(&seg) {
+                let shown = super::outbox::profile_payload(profile, super::outbox::Shown::Full);
+                self.queue_deliveries(seg, pid, entered, reason, seq, at, None, &mut || {
+                    shown.clone()
+                });
+            }
             self.notices.push(MembershipChanged {
                 segment: seg,
                 profile: pid,
@@ -260,7 +266,8 @@ impl Shard {
     }
 
     /// Ends the memberships of a profile leaving the shard's data (erased, merged away):
-    /// counts and announcements only (its timeline is gone).
+    /// counts, announcements and deliveries (showing `shown` of the profile) — its
+    /// timeline is gone.
     pub(super) fn end_memberships(
         &mut self,
         pid: ProfileId,
@@ -268,6 +275,7 @@ impl Shard {
         reason: Reason,
         at: i64,
         merged_into: Option<ProfileId>,
+        shown: &str,
     ) {
         for (seg, _) in memberships {
             if self.rules.get(seg).is_none() {
@@ -275,6 +283,9 @@ impl Shard {
             }
             self.step_counts.add(seg, false);
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+            self.queue_deliveries(seg, pid, false, reason, seq, at, merged_into, &mut || {
+                shown.to_owned()
+            });
             self.notices.push(MembershipChanged {
                 segment: seg,
                 profile: pid,
@@ -464,6 +475,8 @@ pub struct InstallRules {
     /// Segments to compute for every profile (created or changed), and the reason of the
     /// changes that makes.
     pub backfill: Option<(Vec<SegIdx>, Reason)>,
+    /// A new trigger with `send_existing`, and its segment: its current members are queued.
+    pub send_existing: Option<(u32, SegIdx)>,
     /// First install after start (or after a disk recovery).
     pub startup: bool,
     /// Answered once the install is durable.
@@ -506,6 +519,14 @@ impl Handler<InstallRules> for Shard {
             for pid in ids {
                 self.reschedule(pid, now);
             }
+        }
+        if let Err(e) = self.drop_orphan_deliveries() {
+            self.fail(&e);
+            let _ = msg.reply.send(Err(io_problem(e)));
+            return;
+        }
+        if let Some((trigger, seg)) = msg.send_existing {
+            self.queue_existing(trigger, seg);
         }
         match msg.backfill {
             Some((mut segments, reason)) => {
