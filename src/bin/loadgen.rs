@@ -55,6 +55,15 @@ struct Args {
     /// their `userId`, so the registry links a new identity to a known profile.
     #[arg(long, default_value_t = 0.0)]
     links: f64,
+    /// Instead of the ingest mix: make this many segment entries per second for
+    /// `--seconds` (identify calls of new users, `--batch` per request), with a segment
+    /// and a trigger to the `--receiver` created through the admin API
+    /// (`--admin-token`); reports ingest latency and send-to-webhook latency.
+    #[arg(long, default_value_t = 0)]
+    entries: u64,
+    /// Admin token (for `--entries`).
+    #[arg(long, env = "U360_ADMIN_TOKEN", default_value = "")]
+    admin_token: String,
     /// Instead of a timed run: create this many distinct profiles (identify with ten
     /// traits, batches of `--batch`) as fast as the server takes them, then stop.
     #[arg(long, default_value_t = 0)]
@@ -113,6 +122,7 @@ fn now_us() -> u64 {
 
 /// What the webhook receiver saw: deliveries and send-to-delivery latency.
 struct Received {
+    url: String,
     deliveries: AtomicU64,
     latency: parking_lot::Mutex<Histogram<u64>>,
 }
@@ -121,7 +131,10 @@ struct Received {
 /// profile traits carry `lg_sent_us`, records the latency from the load generator's send.
 async fn receiver(port: u16) -> anyhow::Result<(String, Arc<Received>)> {
     use axum::routing::post;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let addr = listener.local_addr()?;
     let seen = Arc::new(Received {
+        url: format!("http://{addr}/hook"),
         deliveries: AtomicU64::new(0),
         latency: parking_lot::Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3)?),
     });
@@ -145,8 +158,6 @@ async fn receiver(port: u16) -> anyhow::Result<(String, Arc<Received>)> {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    let addr = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -186,6 +197,95 @@ fn base_message(rng: &mut impl Rng, zipf: &Zipf<f64>, transitions: f64, n: u64) 
         json!({"type": "page", "anonymousId": anon, "name": "Pricing", "category": "Docs", "messageId": mid,
                "properties": {"url": "https://example.com/pricing", "referrer": "https://example.com/", "note": pad}})
     }
+}
+
+/// Segment entries at a fixed rate: each identify creates a new profile that enters the
+/// `lg-entries` segment, whose trigger posts to the receiver.
+async fn entries(args: &Args, seen: Arc<Received>) -> anyhow::Result<()> {
+    let url = args.url.trim_end_matches('/').to_owned();
+    let hook_url = seen.url.clone();
+    let client = reqwest::Client::new();
+    let admin = |path: &str, body: Value| {
+        client
+            .post(format!("{url}{path}"))
+            .bearer_auth(&args.admin_token)
+            .json(&body)
+            .send()
+    };
+    let r = admin(
+        "/v1/segments",
+        json!({"id": "lg-entries", "name": "loadgen entries", "rule": {"trait": "lg_sent_us", "op": "exists"}}),
+    )
+    .await?;
+    anyhow::ensure!(r.status().is_success() || r.status() == 409, "create segment: {}", r.text().await?);
+    let r = admin(
+        "/v1/triggers",
+        json!({"id": "lg-hook", "segment": "lg-entries", "on": ["enter"], "url": hook_url}),
+    )
+    .await?;
+    anyhow::ensure!(r.status().is_success() || r.status() == 409, "create trigger: {}", r.text().await?);
+    // `--batch` entries per request, as many requests per second as the rate needs.
+    let per_tick = (args.batch as u64).clamp(1, args.entries);
+    let every_us = (per_tick * 1_000_000 / args.entries).max(100);
+    let ticks = args.seconds * 1_000_000 / every_us;
+    let mut ingest = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut tick = tokio::time::interval(Duration::from_micros(every_us));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let run = ulid::Ulid::new().to_string();
+    let mut sent = 0u64;
+    let mut inflight = Vec::new();
+    for t in 0..ticks {
+        tick.tick().await;
+        let batch: Vec<Value> = (0..per_tick)
+            .map(|i| {
+                json!({"type": "identify", "userId": format!("lg-{run}-{t}-{i}"),
+                       "traits": {"lg_sent_us": now_us(), "plan": "pro"}})
+            })
+            .collect();
+        sent += per_tick;
+        let (client, url, key) = (client.clone(), url.clone(), args.write_key.clone());
+        inflight.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = client
+                .post(format!("{url}/v1/batch"))
+                .basic_auth(&key, Some(""))
+                .json(&json!({"batch": batch}))
+                .send()
+                .await;
+            (r.map(|r| r.status().as_u16()).unwrap_or(0), t0.elapsed())
+        }));
+    }
+    let mut errors = 0;
+    for h in inflight {
+        let (status, took) = h.await?;
+        if status != 200 {
+            errors += 1;
+        }
+        ingest.saturating_record(took.as_micros() as u64);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.deliveries.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    let h = seen.latency.lock();
+    println!(
+        "entries: {sent} sent at {} /s, {} delivered, {errors} failed requests",
+        args.entries,
+        seen.deliveries.load(Ordering::Relaxed)
+    );
+    println!(
+        "ingest request latency ms (baseline): p50 {:.2} p99 {:.2}",
+        q(&ingest, 0.5),
+        q(&ingest, 0.99)
+    );
+    println!(
+        "send-to-webhook latency ms: p50 {:.2} p99 {:.2} p99.9 {:.2}",
+        q(&h, 0.5),
+        q(&h, 0.99),
+        q(&h, 0.999)
+    );
+    Ok(())
 }
 
 /// The identify message that creates seeded profile `i` (ten traits).
@@ -395,6 +495,12 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.entries > 0 {
+        let Some(seen) = hook.clone() else {
+            anyhow::bail!("--entries needs --receiver PORT");
+        };
+        return entries(&args, seen).await;
+    }
     if args.seed_profiles > 0 {
         let r = seed(&args, args.url.trim_end_matches('/'), &args.write_key).await?;
         r.print("seeded profiles");
