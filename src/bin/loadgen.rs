@@ -217,13 +217,21 @@ async fn entries(args: &Args, seen: Arc<Received>) -> anyhow::Result<()> {
         json!({"id": "lg-entries", "name": "loadgen entries", "rule": {"trait": "lg_sent_us", "op": "exists"}}),
     )
     .await?;
-    anyhow::ensure!(r.status().is_success() || r.status() == 409, "create segment: {}", r.text().await?);
+    anyhow::ensure!(
+        r.status().is_success() || r.status() == 409,
+        "create segment: {}",
+        r.text().await?
+    );
     let r = admin(
         "/v1/triggers",
         json!({"id": "lg-hook", "segment": "lg-entries", "on": ["enter"], "url": hook_url}),
     )
     .await?;
-    anyhow::ensure!(r.status().is_success() || r.status() == 409, "create trigger: {}", r.text().await?);
+    anyhow::ensure!(
+        r.status().is_success() || r.status() == 409,
+        "create trigger: {}",
+        r.text().await?
+    );
     // `--batch` entries per request, as many requests per second as the rate needs.
     let per_tick = (args.batch as u64).clamp(1, args.entries);
     let every_us = (per_tick * 1_000_000 / args.entries).max(100);
