@@ -13,6 +13,7 @@
 //! - [`grid`]: actors: registry, shards (hosting profiles), clock and timers, catalog.
 //! - [`store`]: the per-shard log (WAL + event store), group commit, snapshots and backup
 //!   files, codec, data dir metadata.
+//! - [`export`]: export and import formats (CSV, JSONL, formula guard, import row rules).
 //! - [`api`]: axum routes; parse, authenticate, translate errors; nothing else.
 //! - [`server`]: start (keys, shard count, bind, recover) and graceful shutdown.
 //! - [`cli`]: the other commands (`snapshot create|restore|inspect`).
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod export;
 pub mod grid;
 pub mod ingest;
 pub mod segment;

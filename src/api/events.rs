@@ -30,7 +30,7 @@ fn parse_time(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Ap
     }
 }
 
-fn parse_filter(q: &HashMap<String, String>) -> Result<EventFilter, ApiError> {
+pub fn parse_filter(q: &HashMap<String, String>) -> Result<EventFilter, ApiError> {
     let kind = match q.get("type") {
         None => None,
         Some(t) => Some(EventKind::parse(t).ok_or_else(|| {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod ingest;
 pub mod ops;
 pub mod profiles;
@@ -92,6 +93,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/segments/{id}/members", get(segments::members))
         .route("/v1/segments/{id}/stream", get(triggers::stream))
+        .route("/v1/export/profiles", get(export::profiles))
+        .route("/v1/export/events", get(export::events))
+        .route("/v1/import/profiles", post(export::import))
         .route("/v1/triggers", get(triggers::list).post(triggers::create))
         .route(
             "/v1/triggers/{id}",

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod clock;
 pub mod dispatch;
+pub mod export;
 pub mod membership;
 pub mod registry;
 pub mod segment_actor;

@@ -89,6 +89,8 @@ pub struct Registry {
     suppressed: dashmap::DashSet<u128>,
     /// How many shards exist (new profiles are spread over them).
     shards: u16,
+    /// Custom identity types ever linked (the CSV export's `identity:<type>` columns).
+    custom_types: dashmap::DashSet<IdType>,
     /// Limits, priority, blocked values.
     rules: Arc<IdentityRules>,
     /// The server-wide accept sequence (shared with the shards, which number their other
@@ -106,6 +108,7 @@ impl Registry {
             forwards: DashMap::new(),
             merge_lock: parking_lot::RwLock::new(()),
             shards,
+            custom_types: dashmap::DashSet::new(),
             rules,
             seq: Arc::new(AtomicU64::new(1)),
         }
@@ -458,6 +461,7 @@ impl Registry {
                     v.insert(pid);
                     owner.push((id.ty, now, id.hash()));
                     linked.push((id.clone(), now));
+                    self.note_type(id.ty);
                 }
                 Entry::Occupied(o) if *o.get() == pid => {}
                 Entry::Occupied(_) => {
@@ -594,8 +598,26 @@ impl Registry {
         }
     }
 
+    fn note_type(&self, ty: IdType) {
+        if ty.builtin_name().is_none() && !self.custom_types.contains(&ty) {
+            self.custom_types.insert(ty);
+        }
+    }
+
+    /// The custom identity types ever linked, by name.
+    pub fn custom_type_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .custom_types
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Re-creates a link during replay (or undoes nothing if already there).
     pub fn restore_link(&self, pid: ProfileId, identity: &Identity, first_seen: i64) {
+        self.note_type(identity.ty);
         let mut owner = self.owners.entry(pid).or_default();
         if let Entry::Vacant(v) = self.index.entry(identity.hash()) {
             v.insert(pid);

@@ -7,6 +7,7 @@
 //! causes (evaluated here, where the data is; see [`segments`]). Requests arrive as one
 //! message per shard per HTTP request (`do_send` with a oneshot reply), never one per event.
 
+pub mod export;
 pub mod outbox;
 pub mod segments;
 
@@ -932,7 +933,7 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    fn matcher(&self) -> Option<impl Fn(&EventRef) -> bool + '_> {
+    pub(crate) fn matcher(&self) -> Option<impl Fn(&EventRef) -> bool + '_> {
         let name = match &self.name {
             Some(n) => Some(event_names().lookup(n)?),
             None => None,
@@ -1104,18 +1105,39 @@ impl Handler<PatchTraits> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: PatchTraits, _: &mut Self::Context) {
-        if let Some(p) = self.refusal() {
-            self.undo_links(
-                &msg.resolution,
-                self.profiles.contains_key(&msg.resolution.profile),
-            );
-            let _ = msg.reply.send(Err(p));
-            return;
-        }
         let now = self.ctx.clock.now_ms();
-        let r = msg.resolution;
+        let pid = msg.resolution.profile;
+        let result = self
+            .apply_patch(msg.resolution, &msg.traits, now)
+            .map(|()| self.render(pid).unwrap_or_default());
+        let reply = msg.reply;
+        match result {
+            Err(p) => {
+                let _ = reply.send(Err(p));
+            }
+            Ok(json) => self.commit_then(move |durable| {
+                let _ = reply.send(durable.map(|()| json));
+            }),
+        }
+    }
+}
+
+impl Shard {
+    /// Sets traits at max(now, key time) on a resolved profile — `PATCH` and import rows:
+    /// creating it if needed, linking the resolution's identities, logging a `Patch`
+    /// record, then `user.updated` and segments like any change. A refusal undoes the links.
+    pub(super) fn apply_patch(
+        &mut self,
+        r: Resolution,
+        traits: &serde_json::Map<String, serde_json::Value>,
+        now: i64,
+    ) -> Result<(), Problem> {
         let pid = r.profile;
         let exists = self.profiles.contains_key(&pid);
+        if let Some(p) = self.refusal() {
+            self.undo_links(&r, exists);
+            return Err(p);
+        }
         let plan = {
             let fresh;
             let profile = match self.profiles.get(&pid) {
@@ -1125,18 +1147,13 @@ impl Handler<PatchTraits> for Shard {
                     &fresh
                 }
             };
-            profile.plan_traits(&msg.traits, TraitTime::Now(now), self.limits)
+            profile.plan_traits(traits, TraitTime::Now(now), self.limits)
         };
         let plan = match plan {
             Ok(p) => p,
             Err(e) => {
                 self.undo_links(&r, exists);
-                let _ = msg.reply.send(Err(Problem::at(
-                    ErrorCode::TooManyTraits,
-                    "",
-                    e.to_string(),
-                )));
-                return;
+                return Err(Problem::at(ErrorCode::TooManyTraits, "", e.to_string()));
             }
         };
         let seq = self.next_seq();
@@ -1149,63 +1166,101 @@ impl Handler<PatchTraits> for Shard {
                 first_seen: *seen,
             })
             .collect();
-        let result = (|| -> Result<String, Problem> {
-            let mut touched = segments::Touched::default();
-            let profile = self
-                .profiles
-                .entry(pid)
-                .or_insert_with(|| Profile::new(pid, now));
-            if !exists {
-                let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
-                append_system(&mut self.log, profile, s, "user.created", None, now)?;
-                segments::count_system(
-                    &self.specs,
-                    profile,
-                    "user.created",
-                    None,
-                    now,
-                    &mut touched,
-                );
-                // A new profile can match rules that read nothing it has ("did not perform").
-                touched.all = true;
-                metrics::gauge!("user360_profiles").increment(1.0);
-            }
-            touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
-            for (id, seen) in r.linked {
-                profile.add_identity(id, seen);
-            }
-            self.log
-                .append(&LogRecord::Patch(PatchRecord {
-                    seq,
-                    profile: pid.0,
-                    now_ms: now,
-                    created: !exists,
-                    linked,
-                    traits_json: serde_json::to_string(&msg.traits).expect("json"),
-                }))
-                .map_err(io_problem)?;
-            let changes = profile.commit_traits(plan, now);
-            record_changes(
-                &mut self.log,
-                &self.ctx.catalog,
-                &self.ctx.next_seq,
+        let mut touched = segments::Touched::default();
+        let profile = self
+            .profiles
+            .entry(pid)
+            .or_insert_with(|| Profile::new(pid, now));
+        if !exists {
+            let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+            append_system(&mut self.log, profile, s, "user.created", None, now)?;
+            segments::count_system(
+                &self.specs,
                 profile,
-                &changes,
+                "user.created",
+                None,
                 now,
-                (&self.specs, &mut touched),
-            )?;
-            self.settle(pid, &touched, now)?;
-            Ok(self.render(pid).unwrap_or_default())
-        })();
-        let reply = msg.reply;
-        match result {
-            Err(p) => {
-                let _ = reply.send(Err(p));
-            }
-            Ok(json) => self.commit_then(move |durable| {
-                let _ = reply.send(durable.map(|()| json));
-            }),
+                &mut touched,
+            );
+            // A new profile can match rules that read nothing it has ("did not perform").
+            touched.all = true;
+            metrics::gauge!("user360_profiles").increment(1.0);
         }
+        touched.ids.extend(r.linked.iter().map(|(id, _)| id.ty));
+        for (id, seen) in r.linked {
+            profile.add_identity(id, seen);
+        }
+        self.log
+            .append(&LogRecord::Patch(PatchRecord {
+                seq,
+                profile: pid.0,
+                now_ms: now,
+                created: !exists,
+                linked,
+                traits_json: serde_json::to_string(traits).expect("json"),
+            }))
+            .map_err(io_problem)?;
+        let changes = profile.commit_traits(plan, now);
+        record_changes(
+            &mut self.log,
+            &self.ctx.catalog,
+            &self.ctx.next_seq,
+            profile,
+            &changes,
+            now,
+            (&self.specs, &mut touched),
+        )?;
+        self.settle(pid, &touched, now)
+    }
+
+    /// Rows of profiles after `after` (members of `segment` only, if given), at most
+    /// `limit`, each rendered by `row` (given the profile and its API-object renderer).
+    pub(crate) fn export_rows<R>(
+        &self,
+        after: Option<ProfileId>,
+        segment: Option<SegIdx>,
+        limit: usize,
+        row: impl Fn(&Profile, &dyn Fn(&Profile) -> String) -> R,
+    ) -> Vec<(ProfileId, R)> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let render = |p: &Profile| self.render(p.id).unwrap_or_default();
+        self.profiles
+            .range((start, Bound::Unbounded))
+            .filter(|(_, p)| segment.is_none_or(|s| p.member_since(s).is_some()))
+            .take(limit)
+            .map(|(id, p)| (*id, row(p, &render)))
+            .collect()
+    }
+
+    /// The positions of matching events of the profiles after `after` (members of
+    /// `segment` only), about `max_events` at a time but never splitting a profile;
+    /// answers (last profile visited, whether the shard is done, hits).
+    pub(crate) fn export_event_refs(
+        &self,
+        after: Option<ProfileId>,
+        segment: Option<SegIdx>,
+        filter: &EventFilter,
+        max_events: usize,
+    ) -> (Option<ProfileId>, bool, Vec<(ProfileId, u64)>) {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let Some(matches) = filter.matcher() else {
+            return (None, true, Vec::new());
+        };
+        let mut hits = Vec::new();
+        let mut last = None;
+        for (id, p) in self.profiles.range((start, Bound::Unbounded)) {
+            last = Some(*id);
+            if segment.is_some_and(|s| p.member_since(s).is_none()) {
+                continue;
+            }
+            hits.extend(p.events.iter().filter(|e| matches(e)).map(|e| (*id, e.pos)));
+            if hits.len() >= max_events {
+                return (last, false, hits);
+            }
+        }
+        (last, true, hits)
     }
 }
 

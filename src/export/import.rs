@@ -1,0 +1,453 @@
+//! Import rows: CSV or JSONL text → identities and traits per row, with the row rules of
+//! API.md section 6. Parsing is synchronous over any `Read` (the grid feeds it the request
+//! body as it streams in) and yields rows in batches, each row with its physical line.
+
+use std::io::Read;
+
+use serde_json::{Map, Value as Json};
+
+use super::Field;
+use crate::domain::identity::{IdType, Identity, IdentityRules, normalize};
+use crate::error::ErrorCode;
+
+/// One row to upsert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportRow {
+    /// 1-based physical line of the body where the row starts.
+    pub line: u64,
+    /// Usable identities (normalised, not blocked), in column order.
+    pub identities: Vec<Identity>,
+    /// Traits to set (top-level keys; an empty cell set nothing).
+    pub traits: Map<String, Json>,
+}
+
+/// A row that cannot be imported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowError {
+    /// 1-based physical line.
+    pub line: u64,
+    /// Error code.
+    pub code: ErrorCode,
+    /// What was wrong, naming the column or field and the value.
+    pub message: String,
+}
+
+/// What a parser gives for one row.
+pub type Parsed = Result<ImportRow, RowError>;
+
+/// Adds a raw identity value if it is usable; false when it was blocked.
+fn push_identity(out: &mut Vec<Identity>, rules: &IdentityRules, ty: IdType, raw: &str) -> bool {
+    match normalize(ty, raw) {
+        Some(v) if rules.is_blocked(ty, &v) => false,
+        Some(v) => {
+            let id = Identity {
+                ty,
+                value: v.into_boxed_str(),
+            };
+            if !out.contains(&id) {
+                out.push(id);
+            }
+            true
+        }
+        None => true,
+    }
+}
+
+fn no_identity(line: u64, blocked: bool) -> RowError {
+    if blocked {
+        RowError {
+            line,
+            code: ErrorCode::BlockedId,
+            message: "every identity of the row is a blocked value".into(),
+        }
+    } else {
+        RowError {
+            line,
+            code: ErrorCode::MissingId,
+            message:
+                "the row has no identity (user_id, email, phone, anonymous_id or identity:<type>)"
+                    .into(),
+        }
+    }
+}
+
+/// Parses JSONL rows: each line `{"identities": [{"type", "value"}], "traits": {...}}`
+/// (the export's line shape; other fields are ignored). Calls `emit` per row.
+pub fn parse_jsonl(
+    body: impl Read,
+    rules: &IdentityRules,
+    max_line_bytes: usize,
+    mut emit: impl FnMut(Parsed) -> bool,
+) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, body);
+    let mut line = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        line += 1;
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t.trim(),
+            Err(_) => {
+                if !emit(Err(RowError {
+                    line,
+                    code: ErrorCode::InvalidJson,
+                    message: "the line is not UTF-8".into(),
+                })) {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if text.is_empty() {
+            continue;
+        }
+        let row = if text.len() > max_line_bytes {
+            Err(RowError {
+                line,
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "the line has {} bytes, more than the limit of {max_line_bytes}",
+                    text.len()
+                ),
+            })
+        } else {
+            jsonl_row(text, line, rules)
+        };
+        if !emit(row) {
+            return Ok(());
+        }
+    }
+}
+
+fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
+    let bad = |code, message: String| RowError {
+        line,
+        code,
+        message,
+    };
+    if let Err(e) = crate::ingest::scan::check_value(text.as_bytes(), 64) {
+        return Err(bad(ErrorCode::InvalidJson, e.to_string()));
+    }
+    let v: Json = serde_json::from_str(text)
+        .map_err(|e| bad(ErrorCode::InvalidJson, format!("the line is not JSON: {e}")))?;
+    let Json::Object(obj) = v else {
+        return Err(bad(
+            ErrorCode::InvalidField,
+            format!(
+                "a line must be a JSON object; got {}",
+                crate::segment::cond::show(&v)
+            ),
+        ));
+    };
+    let mut identities = Vec::new();
+    let mut blocked = false;
+    match obj.get("identities") {
+        None | Some(Json::Null) => {}
+        Some(Json::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let (Some(ty), Some(value)) = (
+                    item.get("type").and_then(Json::as_str),
+                    item.get("value").and_then(|v| match v {
+                        Json::String(s) => Some(s.clone()),
+                        Json::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    }),
+                ) else {
+                    return Err(bad(
+                        ErrorCode::InvalidField,
+                        format!(
+                            "identities[{i}] must be {{\"type\": ..., \"value\": ...}}; got {}",
+                            crate::segment::cond::show(item)
+                        ),
+                    ));
+                };
+                if !crate::domain::identity::valid_type_name(ty) {
+                    return Err(bad(
+                        ErrorCode::InvalidField,
+                        format!("identities[{i}].type {ty:?} must match [a-z0-9_.]{{1,64}}"),
+                    ));
+                }
+                blocked |= !push_identity(&mut identities, rules, IdType::named(ty), &value);
+            }
+        }
+        Some(other) => {
+            return Err(bad(
+                ErrorCode::InvalidField,
+                format!(
+                    "identities must be a list; got {}",
+                    crate::segment::cond::show(other)
+                ),
+            ));
+        }
+    }
+    let traits = match obj.get("traits") {
+        None | Some(Json::Null) => Map::new(),
+        Some(Json::Object(t)) => t.clone(),
+        Some(other) => {
+            return Err(bad(
+                ErrorCode::InvalidField,
+                format!(
+                    "traits must be an object; got {}",
+                    crate::segment::cond::show(other)
+                ),
+            ));
+        }
+    };
+    if identities.is_empty() {
+        return Err(no_identity(line, blocked));
+    }
+    Ok(ImportRow {
+        line,
+        identities,
+        traits,
+    })
+}
+
+/// One CSV column of an import.
+#[derive(Debug, Clone)]
+enum Column {
+    Ignored,
+    Identity(IdType),
+    Trait(Vec<String>),
+}
+
+/// A cell as a trait value: one `'` before a formula character removed, `true`/`false`
+/// as booleans, anything else text.
+fn csv_value(cell: &str) -> Json {
+    let unguarded = match cell.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(['=', '+', '-', '@', '\t', '\r']) => rest,
+        _ => cell,
+    };
+    match unguarded {
+        "true" => Json::Bool(true),
+        "false" => Json::Bool(false),
+        s => Json::String(s.to_owned()),
+    }
+}
+
+/// Sets a nested path inside a trait object, creating objects on the way.
+fn set_path(traits: &mut Map<String, Json>, path: &[String], v: Json) {
+    let (first, rest) = path.split_first().expect("paths have a key");
+    if rest.is_empty() {
+        traits.insert(first.clone(), v);
+        return;
+    }
+    let entry = traits
+        .entry(first.clone())
+        .or_insert_with(|| Json::Object(Map::new()));
+    if !entry.is_object() {
+        *entry = Json::Object(Map::new());
+    }
+    if let Json::Object(m) = entry {
+        set_path(m, rest, v);
+    }
+}
+
+/// Parses CSV rows (RFC 4180; the first record is the header). Columns: `id` (ignored),
+/// identity columns (cells split on `;`), and traits (`traits.<path>` or a bare name).
+pub fn parse_csv(
+    body: impl Read,
+    rules: &IdentityRules,
+    mut emit: impl FnMut(Parsed) -> bool,
+) -> Result<(), RowError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(body);
+    let mut columns: Option<Vec<Column>> = None;
+    let mut record = csv::StringRecord::new();
+    loop {
+        let read = reader.read_record(&mut record);
+        let line = record.position().map_or(0, |p| p.line());
+        match read {
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map_or(line, |p| p.line());
+                let err = RowError {
+                    line,
+                    code: ErrorCode::InvalidField,
+                    message: format!("unreadable CSV: {e}"),
+                };
+                if columns.is_none() {
+                    return Err(err);
+                }
+                if !emit(Err(err)) {
+                    return Ok(());
+                }
+                // An I/O or UTF-8 error: the reader cannot go on after it.
+                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        let Some(cols) = &columns else {
+            let mut cols = Vec::with_capacity(record.len());
+            for (i, h) in record.iter().enumerate() {
+                let h = h.trim();
+                let field = if h.starts_with("traits.")
+                    || h.starts_with("identity:")
+                    || matches!(h, "id" | "user_id" | "email" | "phone" | "anonymous_id")
+                {
+                    Field::parse(h)
+                } else {
+                    Field::parse(&format!("traits.{h}"))
+                };
+                cols.push(match field {
+                    Ok(Field::Id) => Column::Ignored,
+                    Ok(Field::Identity(ty)) => Column::Identity(ty),
+                    Ok(Field::Trait(p)) => Column::Trait(p.segments().to_vec()),
+                    Err(e) => {
+                        return Err(RowError {
+                            line,
+                            code: ErrorCode::InvalidField,
+                            message: format!("header column {}: {e}", i + 1),
+                        });
+                    }
+                });
+            }
+            columns = Some(cols);
+            continue;
+        };
+        let mut identities = Vec::new();
+        let mut blocked = false;
+        let mut traits = Map::new();
+        for (cell, col) in record.iter().zip(cols.iter()) {
+            if cell.is_empty() {
+                continue;
+            }
+            match col {
+                Column::Ignored => {}
+                Column::Identity(ty) => {
+                    for part in cell.split(';') {
+                        let part = part
+                            .strip_prefix('\'')
+                            .filter(|r| r.starts_with(['=', '+', '-', '@', '\t', '\r']))
+                            .unwrap_or(part);
+                        blocked |= !push_identity(&mut identities, rules, *ty, part);
+                    }
+                }
+                Column::Trait(path) => set_path(&mut traits, path, csv_value(cell)),
+            }
+        }
+        let row = if record.len() > cols.len() {
+            Err(RowError {
+                line,
+                code: ErrorCode::InvalidField,
+                message: format!(
+                    "the row has {} cells, the header {} columns",
+                    record.len(),
+                    cols.len()
+                ),
+            })
+        } else if identities.is_empty() {
+            Err(no_identity(line, blocked))
+        } else {
+            Ok(ImportRow {
+                line,
+                identities,
+                traits,
+            })
+        };
+        if !emit(row) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn rules() -> IdentityRules {
+        IdentityRules::new(&Settings::defaults().identity)
+    }
+
+    fn rows_csv(text: &str) -> Vec<Parsed> {
+        let mut out = Vec::new();
+        parse_csv(text.as_bytes(), &rules(), |r| {
+            out.push(r);
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn csv_rows_follow_the_import_rules() {
+        let text = "id,user_id,email,identity:crm.id,traits.plan,traits.address.city,traits.address\\.city,vip,note\n\
+                    01ABC,u1,Ana@X.io;ana2@x.io,c-1,pro,Paris,Lyon,true,'=SUM(1)\n\
+                    ,,,,free,,,,\n\
+                    ,u3,,,\"a, \"\"quoted\"\"\nline\",,,false,\n\
+                    ,null,,,x,,,,\n";
+        let rows = rows_csv(text);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        let r = rows[0].as_ref().unwrap();
+        assert_eq!(r.line, 2);
+        let ids: Vec<(String, String)> = r
+            .identities
+            .iter()
+            .map(|i| (i.ty.name().to_string(), i.value.to_string()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("user_id".into(), "u1".into()),
+                ("email".into(), "ana@x.io".into()),
+                ("email".into(), "ana2@x.io".into()),
+                ("crm.id".into(), "c-1".into())
+            ]
+        );
+        assert_eq!(
+            Json::Object(r.traits.clone()),
+            serde_json::json!({"plan": "pro", "address": {"city": "Paris"}, "address.city": "Lyon", "vip": true, "note": "=SUM(1)"})
+        );
+        assert_eq!(rows[1].as_ref().unwrap_err().code, ErrorCode::MissingId);
+        assert_eq!(rows[1].as_ref().unwrap_err().line, 3);
+        let q = rows[2].as_ref().unwrap();
+        assert_eq!(q.line, 4);
+        assert_eq!(q.traits["plan"], "a, \"quoted\"\nline");
+        assert_eq!(q.traits["vip"], false);
+        let blocked = rows[3].as_ref().unwrap_err();
+        assert_eq!((blocked.line, blocked.code), (6, ErrorCode::BlockedId));
+    }
+
+    #[test]
+    fn a_bad_header_is_an_error_of_the_whole_import() {
+        let e = parse_csv("user_id,identity:Bad\nu1,x\n".as_bytes(), &rules(), |_| {
+            true
+        })
+        .unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("identity:Bad"), "{e:?}");
+    }
+
+    #[test]
+    fn jsonl_rows_take_the_export_shape() {
+        let text = "{\"id\":\"x\",\"identities\":[{\"type\":\"user_id\",\"value\":\"u1\",\"first_seen\":\"2026-01-01T00:00:00.000Z\"}],\"traits\":{\"plan\":\"pro\",\"n\":5}}\n\
+                    \n\
+                    not json\n\
+                    {\"traits\":{\"plan\":\"x\"}}\n\
+                    {\"identities\":[{\"type\":\"email\",\"value\":\"A@B.io\"}],\"traits\":[1]}\n";
+        let mut out = Vec::new();
+        parse_jsonl(text.as_bytes(), &rules(), 1 << 20, |r| {
+            out.push(r);
+            true
+        })
+        .unwrap();
+        assert_eq!(out.len(), 4);
+        let r = out[0].as_ref().unwrap();
+        assert_eq!((r.line, r.traits["n"].clone()), (1, serde_json::json!(5)));
+        assert_eq!(out[1].as_ref().unwrap_err().line, 3);
+        assert_eq!(out[1].as_ref().unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(out[2].as_ref().unwrap_err().code, ErrorCode::MissingId);
+        assert_eq!(out[3].as_ref().unwrap_err().line, 5);
+    }
+}

@@ -1,0 +1,473 @@
+//! Streaming export and import over the grid.
+//!
+//! **Export** walks every shard's profiles in id order in slices (each slice rendered by its
+//! shard in one step, so each row is consistent) and merges the shards' slices by id — a
+//! k-way merge holding one slice per shard, so memory stays bounded whatever the size of
+//! the export. **Import** parses the body on a blocking thread as it streams in and applies
+//! rows in batches (identities resolved like ingest, so they link and may merge; traits set
+//! like `PATCH`), with a bounded queue between the two: a large import is held back, it
+//! does not grow memory.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::Map;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Grid;
+use super::registry::Resolution;
+use super::shard::EventFilter;
+use super::shard::export::{EXPORT_SLICE, ExportEventsSlice, ExportSlice, ImportRows};
+use crate::domain::event::with_profile_id;
+use crate::domain::ids::ProfileId;
+use crate::error::{ErrorCode, Problem};
+use crate::export::Field;
+use crate::export::import::{ImportRow, Parsed, RowError, parse_csv, parse_jsonl};
+use crate::segment::compile::SegIdx;
+
+/// Rows per import batch.
+const IMPORT_BATCH: usize = 512;
+
+/// How a profile export renders rows.
+#[derive(Debug, Clone)]
+pub enum ProfileFormat {
+    /// One JSON line per profile: the profile object, or (with fields) a flat object.
+    Jsonl(Option<Vec<Field>>),
+    /// CSV with these columns.
+    Csv(Vec<Field>),
+}
+
+/// A rendered row.
+pub enum Row {
+    /// A JSON line (without the newline).
+    Line(String),
+    /// CSV cells.
+    Cells(Vec<String>),
+}
+
+/// One shard's side of the merge: buffered rows, where to continue, whether it is done.
+type ShardCursor = (VecDeque<(ProfileId, Row)>, Option<ProfileId>, bool);
+
+/// Merges the shards' id-ordered slices into one id-ordered sequence of rows.
+struct ProfileMerge {
+    grid: Arc<Grid>,
+    segment: Option<SegIdx>,
+    format: Arc<ProfileFormat>,
+    /// Per shard.
+    shards: Vec<ShardCursor>,
+}
+
+impl ProfileMerge {
+    async fn refill(&mut self, i: usize) {
+        let (buf, after, done) = &mut self.shards[i];
+        if !buf.is_empty() || *done {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.grid.shard(i as u16).do_send(ExportSlice {
+            after: *after,
+            segment: self.segment,
+            format: self.format.clone(),
+            reply: tx,
+        });
+        let rows = rx.await.unwrap_or_default();
+        *done = rows.len() < EXPORT_SLICE;
+        *after = rows.last().map(|(id, _)| *id).or(*after);
+        buf.extend(rows);
+    }
+
+    /// The next row in id order.
+    async fn next(&mut self) -> Option<Row> {
+        for i in 0..self.shards.len() {
+            self.refill(i).await;
+        }
+        let i = (0..self.shards.len())
+            .filter(|i| !self.shards[*i].0.is_empty())
+            .min_by_key(|i| self.shards[*i].0.front().map(|(id, _)| *id))?;
+        self.shards[i].0.pop_front().map(|(_, r)| r)
+    }
+}
+
+/// One CSV record as bytes (RFC 4180 quoting).
+fn csv_record(cells: &[String]) -> Bytes {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::with_capacity(256));
+    let _ = w.write_record(cells);
+    Bytes::from(w.into_inner().unwrap_or_default())
+}
+
+/// The columns of an event export.
+pub const EVENT_COLUMNS: &[&str] = &[
+    "profile_id",
+    "message_id",
+    "seq",
+    "type",
+    "event",
+    "name",
+    "category",
+    "properties",
+    "traits",
+    "context",
+    "user_id",
+    "anonymous_id",
+    "group_id",
+    "previous_id",
+    "timestamp",
+    "received_at",
+];
+
+/// An event export's row for one stored event.
+fn event_row(json: &str, profile: ProfileId, csv: bool) -> Bytes {
+    if !csv {
+        let mut line = with_profile_id(json, profile);
+        line.push('\n');
+        return Bytes::from(line);
+    }
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let cells: Vec<String> = EVENT_COLUMNS
+        .iter()
+        .map(|c| match (*c, v.get(*c)) {
+            ("profile_id", _) => profile.to_string(),
+            (_, None | Some(serde_json::Value::Null)) => String::new(),
+            (_, Some(serde_json::Value::String(s))) => crate::export::guard(s.clone()),
+            (_, Some(other)) => other.to_string(),
+        })
+        .collect();
+    csv_record(&cells)
+}
+
+/// One row resolved for its shard: (index in the batch, resolution, traits).
+pub type ImportItem = (usize, Resolution, Map<String, serde_json::Value>);
+
+/// What an import did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ImportAnswer {
+    /// Rows applied.
+    pub imported: u64,
+    /// Rows refused (the first 1,000 are listed).
+    pub rejected: Vec<RejectedRow>,
+    /// How many rows were refused in all.
+    pub rejected_total: u64,
+}
+
+/// A refused import row.
+#[derive(Debug, serde::Serialize)]
+pub struct RejectedRow {
+    /// 1-based physical line.
+    pub line: u64,
+    /// Error code.
+    pub code: &'static str,
+    /// Why, naming the column or field and the value.
+    pub message: String,
+}
+
+/// Most rejected rows listed in an answer (the count goes on in `rejected_total`).
+const MAX_REJECTED_LISTED: usize = 1000;
+
+/// A `Read` over the chunks of a streaming body (for the blocking parser).
+pub struct ChunkReader {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    cur: Bytes,
+}
+
+impl ChunkReader {
+    /// Reads what `rx` delivers, in order, until it closes.
+    pub fn new(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> ChunkReader {
+        ChunkReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Import body formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportFormat {
+    /// CSV with a header row.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl Grid {
+    /// `GET /v1/export/profiles`: the export's bytes as they are produced (the CSV header
+    /// first), profiles by ascending id.
+    pub fn export_profiles(
+        self: &Arc<Self>,
+        format: ProfileFormat,
+        segment: Option<SegIdx>,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let header = match &format {
+            ProfileFormat::Csv(cols) => Some(csv_record(
+                &cols.iter().map(Field::name).collect::<Vec<_>>(),
+            )),
+            ProfileFormat::Jsonl(_) => None,
+        };
+        let merge = ProfileMerge {
+            grid: self.clone(),
+            segment,
+            format: Arc::new(format),
+            shards: (0..self.shard_count())
+                .map(|_| (VecDeque::new(), None, false))
+                .collect(),
+        };
+        let head = futures_util::stream::iter(header.map(Ok));
+        let rows = futures_util::stream::unfold(merge, |mut m| async move {
+            let row = m.next().await?;
+            let bytes = match row {
+                Row::Line(mut l) => {
+                    l.push('\n');
+                    Bytes::from(l)
+                }
+                Row::Cells(cells) => csv_record(&cells),
+            };
+            Some((Ok(bytes), m))
+        });
+        use futures_util::StreamExt;
+        head.chain(rows)
+    }
+
+    /// `GET /v1/export/events`: every matching event with its `profile_id`, profile by
+    /// profile in ascending id order, each profile's events oldest first. An event that
+    /// cannot be read aborts the stream (so a cut export never looks complete).
+    pub fn export_events(
+        self: &Arc<Self>,
+        filter: EventFilter,
+        segment: Option<SegIdx>,
+        csv: bool,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let header = csv.then(|| {
+            csv_record(
+                &EVENT_COLUMNS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        struct State {
+            grid: Arc<Grid>,
+            filter: EventFilter,
+            segment: Option<SegIdx>,
+            csv: bool,
+            shard: usize,
+            after: Option<ProfileId>,
+            pending: VecDeque<(ProfileId, u64)>,
+        }
+        let st = State {
+            grid: self.clone(),
+            filter,
+            segment,
+            csv,
+            shard: 0,
+            after: None,
+            pending: VecDeque::new(),
+        };
+        let head = futures_util::stream::iter(header.map(Ok));
+        let rows = futures_util::stream::unfold(st, |mut st| async move {
+            loop {
+                if let Some((pid, pos)) = st.pending.pop_front() {
+                    let grid = st.grid.clone();
+                    let read = tokio::task::spawn_blocking(move || grid.read_event(pos))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    return Some((read.map(|json| event_row(&json, pid, st.csv)), st));
+                }
+                if st.shard >= st.grid.shard_count() {
+                    return None;
+                }
+                let (tx, rx) = oneshot::channel();
+                st.grid.shard(st.shard as u16).do_send(ExportEventsSlice {
+                    after: st.after,
+                    segment: st.segment,
+                    filter: st.filter.clone(),
+                    reply: tx,
+                });
+                let (last, done, hits) = rx.await.unwrap_or((None, true, Vec::new()));
+                st.pending.extend(hits);
+                if done {
+                    st.shard += 1;
+                    st.after = None;
+                } else {
+                    st.after = last;
+                }
+            }
+        });
+        use futures_util::StreamExt;
+        head.chain(rows)
+    }
+
+    /// `POST /v1/import/profiles`: parses `body` as it arrives and upserts each row.
+    pub async fn import(
+        self: &Arc<Self>,
+        format: ImportFormat,
+        gzip: bool,
+        body: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> Result<ImportAnswer, Problem> {
+        let (rows_tx, mut rows_rx) = mpsc::channel::<Vec<Parsed>>(4);
+        let rules = Arc::new(crate::domain::identity::IdentityRules::new(
+            &self.settings.identity,
+        ));
+        let max_line = self.settings.ingest.max_message_bytes;
+        let parser = tokio::task::spawn_blocking(move || -> Result<(), RowError> {
+            let mut batch = Vec::with_capacity(IMPORT_BATCH);
+            let mut emit = |r: Parsed| {
+                batch.push(r);
+                if batch.len() >= IMPORT_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+                    return rows_tx.blocking_send(full).is_ok();
+                }
+                true
+            };
+            let chunks = ChunkReader::new(body);
+            let reader: Box<dyn Read> = if gzip {
+                Box::new(flate2::read::MultiGzDecoder::new(chunks))
+            } else {
+                Box::new(chunks)
+            };
+            let result = match format {
+                ImportFormat::Csv => parse_csv(reader, &rules, &mut emit),
+                ImportFormat::Jsonl => {
+                    parse_jsonl(reader, &rules, max_line, &mut emit).map_err(|e| RowError {
+                        line: 0,
+                        code: ErrorCode::InvalidBody,
+                        message: format!("cannot read the body: {e}"),
+                    })
+                }
+            };
+            if !batch.is_empty() {
+                let _ = rows_tx.blocking_send(batch);
+            }
+            result
+        });
+        let mut answer = ImportAnswer::default();
+        let reject = |answer: &mut ImportAnswer, line: u64, code: ErrorCode, message: String| {
+            answer.rejected_total += 1;
+            if answer.rejected.len() < MAX_REJECTED_LISTED {
+                answer.rejected.push(RejectedRow {
+                    line,
+                    code: code.as_str(),
+                    message,
+                });
+            }
+        };
+        while let Some(batch) = rows_rx.recv().await {
+            let mut good: Vec<ImportRow> = Vec::with_capacity(batch.len());
+            for r in batch {
+                match r {
+                    Ok(row) => good.push(row),
+                    Err(e) => reject(&mut answer, e.line, e.code, e.message),
+                }
+            }
+            for (line, result) in self.import_batch(good).await {
+                match result {
+                    Ok(()) => answer.imported += 1,
+                    Err(p) if p.code == ErrorCode::Unavailable => return Err(p),
+                    Err(p) => reject(&mut answer, line, p.code, p.message),
+                }
+            }
+        }
+        match parser.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if answer.imported == 0 && answer.rejected_total == 0 => {
+                return Err(Problem::new(
+                    e.code,
+                    format!("line {}: {}", e.line, e.message),
+                ));
+            }
+            Ok(Err(e)) => reject(&mut answer, e.line, e.code, e.message),
+            Err(e) => {
+                return Err(Problem::new(
+                    ErrorCode::Internal,
+                    format!("import parser failed: {e}"),
+                ));
+            }
+        }
+        metrics::counter!("user360_import_rows_total", "outcome" => "imported")
+            .increment(answer.imported);
+        metrics::counter!("user360_import_rows_total", "outcome" => "rejected")
+            .increment(answer.rejected_total);
+        Ok(answer)
+    }
+
+    /// Resolves and applies one batch of rows; answers (line, result) per row.
+    async fn import_batch(&self, rows: Vec<ImportRow>) -> Vec<(u64, Result<(), Problem>)> {
+        let now = self.clock.now_ms();
+        let mut out = Vec::with_capacity(rows.len());
+        let mut by_shard: Vec<Vec<ImportItem>> =
+            (0..self.shard_count()).map(|_| Vec::new()).collect();
+        let lines: Vec<u64> = rows.iter().map(|r| r.line).collect();
+        for (i, row) in rows.into_iter().enumerate() {
+            if let Some(id) = self.registry.suppressed_among(&row.identities) {
+                out.push((
+                    row.line,
+                    Err(Problem::new(
+                        ErrorCode::Suppressed,
+                        format!(
+                            "{} {:?} belongs to a person erased with suppression; the row is refused",
+                            id.ty.name(),
+                            id.value
+                        ),
+                    )),
+                ));
+                continue;
+            }
+            let r = match self.registry.resolve(&row.identities, now) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push((
+                        row.line,
+                        Err(Problem::new(ErrorCode::MissingId, e.to_string())),
+                    ));
+                    continue;
+                }
+            };
+            if !r.merged.is_empty() {
+                let cause = format!("import:line {}", row.line);
+                if let Err(p) = self
+                    .merge_into(r.profile, &r.merged, &cause, &row.identities)
+                    .await
+                {
+                    out.push((row.line, Err(p)));
+                    continue;
+                }
+            }
+            by_shard[r.profile.shard() as usize].push((i, r, row.traits));
+        }
+        let mut waits = Vec::new();
+        for (s, rows) in by_shard.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.shard(s as u16).do_send(ImportRows { rows, reply: tx });
+            waits.push(rx);
+        }
+        for rx in waits {
+            match rx.await {
+                Ok(results) => out.extend(results.into_iter().map(|(i, r)| (lines[i], r))),
+                Err(_) => return vec![(0, Err(super::gone()))],
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,112 @@
+//! The shard's part of export and import: rendering slices of profiles in id order (each
+//! row in one step, so it is consistent), listing events to export, and applying import
+//! rows like `PATCH`.
+
+use std::sync::Arc;
+
+use actix::{Handler, Message as ActixMessage};
+use tokio::sync::oneshot;
+
+use super::{EventFilter, Shard};
+use crate::domain::ids::ProfileId;
+use crate::error::Problem;
+use crate::export::{csv_cells, jsonl_fields};
+use crate::grid::export::{ProfileFormat, Row};
+use crate::segment::compile::SegIdx;
+
+/// A slice of events to export: (last profile visited, whether the shard is done,
+/// (profile, log position) pairs).
+pub type EventSlice = (Option<ProfileId>, bool, Vec<(ProfileId, u64)>);
+
+/// Profiles per export slice.
+pub const EXPORT_SLICE: usize = 1024;
+
+/// The next slice of a shard's profiles for an export, rendered in one step.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ExportSlice {
+    /// Only ids greater than this.
+    pub after: Option<ProfileId>,
+    /// Only members of this segment.
+    pub segment: Option<SegIdx>,
+    /// How rows are rendered.
+    pub format: Arc<ProfileFormat>,
+    /// The rows, in id order (fewer than the slice size: the shard is done).
+    pub reply: oneshot::Sender<Vec<(ProfileId, Row)>>,
+}
+
+impl Handler<ExportSlice> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ExportSlice, _: &mut Self::Context) {
+        let rows = self.export_rows(
+            msg.after,
+            msg.segment,
+            EXPORT_SLICE,
+            |p, render| match &*msg.format {
+                ProfileFormat::Jsonl(None) => Row::Line(render(p)),
+                ProfileFormat::Jsonl(Some(fields)) => Row::Line(jsonl_fields(p, fields)),
+                ProfileFormat::Csv(cols) => Row::Cells(csv_cells(p, cols)),
+            },
+        );
+        let _ = msg.reply.send(rows);
+    }
+}
+
+/// The events of the next slice of a shard's profiles (profile by profile, each oldest
+/// first), as log positions to read.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ExportEventsSlice {
+    /// Only profiles with ids greater than this.
+    pub after: Option<ProfileId>,
+    /// Only members of this segment.
+    pub segment: Option<SegIdx>,
+    /// Which events.
+    pub filter: EventFilter,
+    /// (last profile of the slice, whether the shard is done, (profile, position) pairs).
+    pub reply: oneshot::Sender<EventSlice>,
+}
+
+impl Handler<ExportEventsSlice> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ExportEventsSlice, _: &mut Self::Context) {
+        let (last, done, hits) = self.export_event_refs(msg.after, msg.segment, &msg.filter, 256);
+        let _ = msg.reply.send((last, done, hits));
+    }
+}
+
+/// Rows to upsert on one shard (already resolved to its profiles).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ImportRows {
+    /// (index in the batch, resolution, traits).
+    pub rows: Vec<crate::grid::export::ImportItem>,
+    /// Per row: applied or why not; answered once durable.
+    pub reply: oneshot::Sender<Vec<(usize, Result<(), Problem>)>>,
+}
+
+impl Handler<ImportRows> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ImportRows, _: &mut Self::Context) {
+        let now = self.ctx.clock.now_ms();
+        let mut out = Vec::with_capacity(msg.rows.len());
+        for (i, resolution, traits) in msg.rows {
+            let r = self.apply_patch(resolution, &traits, now);
+            out.push((i, r));
+        }
+        let reply = msg.reply;
+        self.commit_then(move |durable| {
+            let out = match durable {
+                Ok(()) => out,
+                Err(p) => out
+                    .into_iter()
+                    .map(|(i, r)| (i, r.and(Err(p.clone()))))
+                    .collect(),
+            };
+            let _ = reply.send(out);
+        });
+    }
+}
