@@ -30,6 +30,41 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Exports profiles from a running server (CSV or JSONL) to a file or stdout.
+    Export {
+        /// Server base URL, e.g. http://127.0.0.1:8080
+        #[arg(long, env = "USER360_SERVER")]
+        server: String,
+        /// Admin token.
+        #[arg(long, env = "USER360_TOKEN")]
+        token: String,
+        /// Only the members of this segment.
+        #[arg(long)]
+        segment: Option<String>,
+        /// csv or jsonl.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// A comma list of id, identity columns and traits.<path>.
+        #[arg(long)]
+        fields: Option<String>,
+        /// Output file (default: stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Imports profiles from a CSV or JSONL file into a running server.
+    Import {
+        /// The file (.csv or .jsonl, or give --format).
+        file: PathBuf,
+        /// Server base URL, e.g. http://127.0.0.1:8080
+        #[arg(long, env = "USER360_SERVER")]
+        server: String,
+        /// Admin token.
+        #[arg(long, env = "USER360_TOKEN")]
+        token: String,
+        /// csv or jsonl (default: from the file's extension).
+        #[arg(long)]
+        format: Option<String>,
+    },
     /// Backups: take one from a running server, check one, or restore one into a data dir.
     Snapshot {
         #[command(subcommand)]
@@ -96,6 +131,46 @@ fn main() -> anyhow::Result<()> {
                 settings,
                 user360::server::shutdown_signal(),
             ))
+        }
+        Command::Export {
+            server,
+            token,
+            segment,
+            format,
+            fields,
+            output,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let rows = rt.block_on(user360::cli::transfer::export(
+                &server,
+                &token,
+                &format,
+                segment.as_deref(),
+                fields.as_deref(),
+                output.as_deref(),
+            ))?;
+            eprintln!("exported {rows} profiles");
+            Ok(())
+        }
+        Command::Import {
+            file,
+            server,
+            token,
+            format,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let answer = rt.block_on(user360::cli::transfer::import(
+                &server,
+                &token,
+                &file,
+                format.as_deref(),
+            ))?;
+            println!("{answer}");
+            Ok(())
         }
         Command::Snapshot { action } => match action {
             SnapshotAction::Create {

@@ -5,3 +5,4 @@
 //! and the server's HTTP API.
 
 pub mod snapshot;
+pub mod transfer;
