@@ -50,6 +50,8 @@ pub struct Settings {
     pub query: QuerySettings,
     /// Periodic snapshots.
     pub snapshots: SnapshotSettings,
+    /// A TOML file of mappings loaded at start (`[[mappings]]` tables); missing is fine.
+    pub mappings_file: PathBuf,
 }
 
 /// When snapshots are taken.

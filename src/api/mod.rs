@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod ingest;
+pub mod mappings;
 pub mod ops;
 pub mod profiles;
 pub mod segments;
@@ -93,6 +94,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/segments/{id}/members", get(segments::members))
         .route("/v1/segments/{id}/stream", get(triggers::stream))
+        .route("/v1/mappings", get(mappings::list).post(mappings::create))
+        .route(
+            "/v1/mappings/{id}",
+            get(mappings::get_one).delete(mappings::delete),
+        )
         .route("/v1/export/profiles", get(export::profiles))
         .route("/v1/export/events", get(export::events))
         .route("/v1/import/profiles", post(export::import))

@@ -62,10 +62,8 @@ pub async fn export(
     }
     let bar = match total {
         Some(n) => ProgressBar::new(n).with_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}",
-            )
-            .expect("valid template"),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
+                .expect("valid template"),
         ),
         None => ProgressBar::new_spinner().with_style(
             ProgressStyle::with_template("{spinner} {pos} rows ({per_sec}) {msg}")

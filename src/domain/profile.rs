@@ -416,6 +416,57 @@ impl Profile {
         changes
     }
 
+    /// Applies a mapping's updates for an event at time `ts`: sets and unsets as a
+    /// message's traits (ignored if older than the key's time), increments and appends
+    /// always (the key's time becomes max(ts, key time)). Returns the changes, and how many
+    /// updates could not apply (a non-number to increment, a non-list to append, the
+    /// trait budget).
+    pub fn apply_updates(
+        &mut self,
+        updates: &[crate::segment::mapping::Update],
+        ts: i64,
+        limits: TraitLimits,
+        now: i64,
+    ) -> (Vec<TraitChange>, u64) {
+        use crate::segment::mapping::{Update, appended, incremented};
+        let mut changes = Vec::new();
+        let mut skipped = 0;
+        for u in updates {
+            let current = |k: &str| {
+                trait_keys()
+                    .lookup(k)
+                    .and_then(|s| self.trait_value(s))
+                    .map(Value::to_json)
+            };
+            let (key, value, time) = match u {
+                Update::Set(k, v) => (k, v.clone(), TraitTime::Event(ts)),
+                Update::Increment(k, by, int) => {
+                    match incremented(current(k).as_ref(), *by, *int) {
+                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
+                        None => {
+                            skipped += 1;
+                            continue;
+                        }
+                    }
+                }
+                Update::Append(k, items) => match appended(current(k).as_ref(), items) {
+                    Some(v) => (k, Some(v), TraitTime::Now(ts)),
+                    None => {
+                        skipped += 1;
+                        continue;
+                    }
+                },
+            };
+            let mut one = serde_json::Map::with_capacity(1);
+            one.insert(key.clone(), value.unwrap_or(serde_json::Value::Null));
+            match self.plan_traits(&one, time, limits) {
+                Ok(plan) => changes.extend(self.commit_traits(plan, now)),
+                Err(_) => skipped += 1,
+            }
+        }
+        (changes, skipped)
+    }
+
     /// Replaces all trait slots (sorted by key) and recomputes the budget counters.
     pub fn set_traits(&mut self, traits: Vec<TraitSlot>) {
         debug_assert!(traits.windows(2).all(|w| w[0].key < w[1].key));

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod clock;
 pub mod dispatch;
 pub mod export;
+pub mod mappings;
 pub mod membership;
 pub mod registry;
 pub mod segment_actor;
@@ -216,6 +217,11 @@ impl Grid {
             dispatcher,
         });
         grid.drop_absorbed().await;
+        let file = &grid.settings.mappings_file;
+        if file.exists() {
+            let n = grid.load_mapping_file(mappings::read_file(file)?)?;
+            tracing::info!(mappings = n, file = %file.display(), "mappings file loaded");
+        }
         grid.start_segments(changes).await;
         grid.start_dispatch(dispatch_rx).await;
         grid.schedule_retention();

@@ -264,6 +264,20 @@ impl Segments {
         }
     }
 
+    /// Changes the definitions before the grid serves (the mappings file at start):
+    /// compiles and saves them; the start's install puts them in force.
+    pub(crate) fn edit_offline(&self, change: impl FnOnce(&mut Definitions)) -> anyhow::Result<()> {
+        let mut defs = (**self.current.read()).clone();
+        change(&mut defs);
+        let rules = self
+            .compile(&mut defs)
+            .map_err(|(id, p)| anyhow::anyhow!("{id}: {}", p.message))?;
+        self.save(&defs).map_err(|p| anyhow::anyhow!(p.message))?;
+        *self.current.write() = Arc::new(defs);
+        *self.rules.write() = Arc::new(rules);
+        Ok(())
+    }
+
     /// Compiles the definitions `defs` into a new rule set, keeping member counts.
     fn compile(&self, defs: &mut Definitions) -> Result<RuleSet, (String, Problem)> {
         let old = self.rules();

@@ -98,6 +98,7 @@ pub fn encode_chunk<'a>(
         profiles,
         system_log,
         specs_json: String::new(),
+        mappings_json: String::new(),
         outbox: Vec::new(),
     }
 }

@@ -9,6 +9,7 @@
 pub mod compile;
 pub mod cond;
 pub mod counter;
+pub mod mapping;
 pub mod path;
 pub mod rule;
 pub mod set;

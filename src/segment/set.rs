@@ -77,8 +77,24 @@ pub struct TriggerDef {
     pub created_at: i64,
 }
 
-/// Everything defined by users that must survive restarts (segments, triggers; mappings
-/// join it later). Stored as JSON, small.
+/// A mapping as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MappingDef {
+    /// Internal number (never reused).
+    pub idx: u32,
+    /// API id.
+    pub id: String,
+    /// The object as sent (without `id` and `created_at`).
+    pub body: serde_json::Map<String, Value>,
+    /// Server time of creation.
+    pub created_at: i64,
+    /// Loaded from the mappings file (it wins over API edits of the same id at start).
+    #[serde(default)]
+    pub from_file: bool,
+}
+
+/// Everything defined by users that must survive restarts (segments, triggers, mappings).
+/// Stored as JSON, small.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Definitions {
     /// Segments, in creation order.
@@ -89,6 +105,12 @@ pub struct Definitions {
     /// Next trigger index.
     #[serde(default)]
     pub next_trigger: u32,
+    /// Mappings, in creation order (the order they apply in).
+    #[serde(default)]
+    pub mappings: Vec<MappingDef>,
+    /// Next mapping index.
+    #[serde(default)]
+    pub next_mapping: u32,
     /// Counter specs in use, by id.
     pub specs: Vec<(SpecId, SpecDef)>,
     /// Next segment index.
@@ -106,6 +128,11 @@ impl Definitions {
     /// The trigger with an API id.
     pub fn trigger(&self, id: &str) -> Option<&TriggerDef> {
         self.triggers.iter().find(|t| t.id == id)
+    }
+
+    /// The mapping with an API id.
+    pub fn mapping(&self, id: &str) -> Option<&MappingDef> {
+        self.mappings.iter().find(|m| m.id == id)
     }
 }
 
@@ -162,6 +189,8 @@ pub struct RuleSet {
     pub specs: HashMap<SpecId, Arc<CounterSpec>>,
     /// Segment → the triggers pushing its changes.
     pub triggers: HashMap<SegIdx, Vec<Arc<TriggerRule>>>,
+    /// Mappings in force, in the order they apply.
+    pub mappings: super::mapping::MappingSet,
 }
 
 /// Allocates segment indexes and spec ids against the stored definitions.
@@ -352,6 +381,13 @@ impl RuleSet {
             }));
         }
         set.order = order;
+        for m in &defs.mappings {
+            let mapping = super::mapping::Mapping::parse(&Value::Object(m.body.clone()), &m.id)
+                .map_err(|e| (m.id.clone(), e))?;
+            set.mappings
+                .list
+                .push((m.idx, Arc::new(mapping), Value::Object(m.body.clone())));
+        }
         for t in &defs.triggers {
             if let Some(seg) = ids.get(&t.segment) {
                 set.triggers

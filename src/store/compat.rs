@@ -82,6 +82,7 @@ pub mod v1 {
                 profiles: c.profiles.into_iter().map(Into::into).collect(),
                 system_log: c.system_log,
                 specs_json: "[]".into(),
+                mappings_json: "[]".into(),
                 outbox: Vec::new(),
             }
         }

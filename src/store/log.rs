@@ -159,6 +159,8 @@ pub struct InstallRecord {
     pub seq: u64,
     /// `[[spec id, spec], ...]` as JSON (`segment::counter::SpecDef`).
     pub specs_json: String,
+    /// The mappings applied from here on: `[[index, id, body], ...]` as JSON.
+    pub mappings_json: String,
 }
 
 /// A profile's counter for one spec, recomputed from its retained events (backfill).

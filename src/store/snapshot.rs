@@ -69,6 +69,8 @@ pub struct ShardChunk {
     /// The counters the shard kept when the chunk was cut (`[[id, spec], ...]` as JSON);
     /// replay from the chunk's position counts with these until an install record.
     pub specs_json: String,
+    /// The mappings the shard applied when the chunk was cut (`[[index, id, body], ...]`).
+    pub mappings_json: String,
     /// Webhook deliveries waiting, in the shard's last chunk (replay applies outbox
     /// records from that chunk's position on).
     pub outbox: Vec<crate::store::log::OutboxEntry>,

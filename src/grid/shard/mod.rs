@@ -100,6 +100,8 @@ pub struct Shard {
     /// The counters this shard keeps: what its log's install records say, so replay
     /// counts exactly what the live shard counted.
     specs: SpecSet,
+    /// The mappings this shard applies (likewise from its install records).
+    mappings: crate::segment::mapping::MappingSet,
     /// A segment backfill in progress (after a segment was created or changed).
     backfill: Option<segments::Backfill>,
     /// Time re-checks of segment windows: (due, profile).
@@ -147,6 +149,10 @@ impl Shard {
         let mut specs = snapshot
             .first()
             .map(|(_, c)| segments::specs_from_json(&c.specs_json))
+            .unwrap_or_default();
+        let mut mappings = snapshot
+            .first()
+            .map(|(_, c)| crate::segment::mapping::MappingSet::from_json(&c.mappings_json))
             .unwrap_or_default();
         // The outbox is in the last chunk; replay applies outbox records after its position.
         let (mut outbox, outbox_from): (HashMap<String, OutboxEntry>, Position) = snapshot
@@ -206,8 +212,10 @@ impl Shard {
             }
             match &rec {
                 LogRecord::Install(i) => {
-                    // About the whole shard: counters kept from this position on.
+                    // About the whole shard: counters kept and mappings applied from this
+                    // position on.
                     specs = segments::specs_from_json(&i.specs_json);
+                    mappings = crate::segment::mapping::MappingSet::from_json(&i.mappings_json);
                     return;
                 }
                 LogRecord::Outbox(o) => {
@@ -235,7 +243,7 @@ impl Shard {
                     &ctx,
                     &mut profiles,
                     &mut system_log,
-                    &specs,
+                    (&specs, &mappings),
                     limits,
                     pos,
                     rec,
@@ -269,6 +277,7 @@ impl Shard {
             sync_failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             rules: Arc::new(RuleSet::default()),
             specs,
+            mappings,
             backfill: None,
             schedule: BTreeSet::new(),
             due_of: HashMap::new(),
@@ -364,6 +373,12 @@ impl Shard {
         };
         let json = render_message(&m, seq);
         let name = m.event.clone().unwrap_or_default();
+        // Mappings read the message as stored (parsed only when one applies to its name).
+        let mapped = self
+            .mappings
+            .has(&name)
+            .then(|| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .flatten();
         let record = EventRecord {
             seq,
             profile: pid.0,
@@ -400,18 +415,29 @@ impl Shard {
                 &mut touched.specs,
             );
         }
-        if let Some(plan) = plan {
-            let changes = profile.commit_traits(plan, now);
-            record_changes(
-                &mut self.log,
-                &self.ctx.catalog,
-                &self.ctx.next_seq,
+        let mut changes = match plan {
+            Some(plan) => profile.commit_traits(plan, now),
+            None => Vec::new(),
+        };
+        if let Some(view) = &mapped {
+            changes.extend(apply_mappings(
+                &self.mappings,
                 profile,
-                &changes,
+                view,
+                m.timestamp_ms,
+                self.limits,
                 now,
-                (&self.specs, &mut touched),
-            )?;
+            ));
         }
+        record_changes(
+            &mut self.log,
+            &self.ctx.catalog,
+            &self.ctx.next_seq,
+            profile,
+            &changes,
+            now,
+            (&self.specs, &mut touched),
+        )?;
         trim(profile, &self.ctx.settings, now);
         self.settle(pid, &touched, now)
     }
@@ -656,6 +682,38 @@ fn trim(profile: &mut Profile, settings: &Settings, now: i64) {
     profile.trim_events(settings.events.max_per_profile, min_received);
 }
 
+/// Applies the mappings of the event `view` (the stored event object) to the profile, in
+/// order; answers the trait changes. Actions whose path the message lacks, and updates
+/// that cannot apply, are counted.
+fn apply_mappings(
+    mappings: &crate::segment::mapping::MappingSet,
+    profile: &mut Profile,
+    view: &serde_json::Value,
+    ts: i64,
+    limits: TraitLimits,
+    now: i64,
+) -> Vec<TraitChange> {
+    let name = view.get("event").and_then(|e| e.as_str()).unwrap_or("");
+    let mut changes = Vec::new();
+    for mapping in mappings.for_event(name) {
+        let Some((updates, missing)) = mapping.updates(view, now) else {
+            continue;
+        };
+        if missing > 0 {
+            metrics::counter!("user360_mapping_missing_paths_total").increment(missing);
+        }
+        let (c, skipped) = profile.apply_updates(&updates, ts, limits, now);
+        if skipped > 0 {
+            metrics::counter!("user360_mapping_skipped_updates_total").increment(skipped);
+        }
+        if !c.is_empty() {
+            metrics::counter!("user360_mapping_applied_total").increment(1);
+        }
+        changes.extend(c);
+    }
+    changes
+}
+
 /// Applies one log record during recovery, through the same domain functions as live.
 /// Events are counted into the counters `specs` names (those the live shard kept at that
 /// position); membership changes come from their own records, never from re-evaluating.
@@ -663,7 +721,7 @@ fn replay(
     ctx: &ShardContext,
     profiles: &mut BTreeMap<ProfileId, Profile>,
     system_log: &mut Vec<(ProfileId, EventRef)>,
-    specs: &SpecSet,
+    (specs, mappings): (&SpecSet, &crate::segment::mapping::MappingSet),
     limits: TraitLimits,
     pos: Position,
     rec: LogRecord,
@@ -688,7 +746,8 @@ fn replay(
                 profile.add_merge_note(n.clone());
             }
             let parsed = (e.kind == EventKind::Identify
-                || segments::counts_with_properties(specs, &e.name))
+                || segments::counts_with_properties(specs, &e.name)
+                || (e.kind != EventKind::System && mappings.has(&e.name)))
             .then(|| serde_json::from_str::<serde_json::Value>(&e.json).ok())
             .flatten();
             if e.kind == EventKind::Identify
@@ -699,6 +758,16 @@ fn replay(
                 && let Ok(plan) = profile.plan_traits(traits, TraitTime::Event(e.ts_ms), limits)
             {
                 for c in profile.commit_traits(plan, e.received_ms) {
+                    if let Some(v) = &c.to {
+                        ctx.catalog.add(&trait_keys().name(c.key), v);
+                    }
+                }
+            }
+            if e.kind != EventKind::System
+                && mappings.has(&e.name)
+                && let Some(view) = &parsed
+            {
+                for c in apply_mappings(mappings, profile, view, e.ts_ms, limits, e.received_ms) {
                     if let Some(v) = &c.to {
                         ctx.catalog.add(&trait_keys().name(c.key), v);
                     }
@@ -1510,6 +1579,7 @@ impl Handler<EncodeChunk> for Shard {
         let system: &[(ProfileId, EventRef)] = if done { &self.system_log } else { &[] };
         let mut chunk = super::snapshot::encode_chunk(slice.into_iter(), system);
         chunk.specs_json = segments::specs_to_json(&self.specs);
+        chunk.mappings_json = self.mappings.to_json();
         if done {
             chunk.outbox = self.outbox.values().cloned().collect();
             chunk.outbox.sort_by_key(|e| e.seq);

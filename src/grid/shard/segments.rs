@@ -496,12 +496,15 @@ impl Handler<InstallRules> for Shard {
         let have: HashSet<SpecId> = self.specs.all.keys().copied().collect();
         let mut new_specs: Vec<SpecId> = wanted.difference(&have).copied().collect();
         new_specs.sort_unstable();
-        if wanted != have {
+        let mappings_changed = rules.mappings.ids() != self.mappings.ids();
+        if wanted != have || mappings_changed {
             self.specs = SpecSet::new(rules.specs.iter().map(|(id, s)| (*id, s.clone())));
+            self.mappings = rules.mappings.clone();
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             if let Err(e) = self.log.append(&LogRecord::Install(InstallRecord {
                 seq,
                 specs_json: specs_to_json(&self.specs),
+                mappings_json: self.mappings.to_json(),
             })) {
                 self.fail(&e);
                 let _ = msg.reply.send(Err(io_problem(e)));
