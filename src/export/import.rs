@@ -2,7 +2,10 @@
 //! API.md section 6. Parsing is synchronous over any `Read` (the grid feeds it the request
 //! body as it streams in) and yields rows in batches, each row with its physical line.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io::Read;
+use std::rc::Rc;
 
 use serde_json::{Map, Value as Json};
 
@@ -248,6 +251,58 @@ fn set_path(traits: &mut Map<String, Json>, path: &[String], v: Json) {
     }
 }
 
+/// Passes the body through to the CSV reader and notes where its line breaks are, so the
+/// byte offset of a record becomes the physical line API.md asks for (the reader reads
+/// ahead, and its own line count and offsets treat a CRLF inside or after a record
+/// unevenly). Only the breaks not yet passed are kept: memory is bounded by the reader's
+/// look-ahead.
+struct LineTracker<R> {
+    inner: R,
+    offset: u64,
+    newlines: Rc<RefCell<VecDeque<(u64, bool)>>>,
+}
+
+impl<R: Read> Read for LineTracker<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut q = self.newlines.borrow_mut();
+        for (i, b) in buf[..n].iter().enumerate() {
+            if matches!(b, b'\n' | b'\r') {
+                q.push_back((self.offset + i as u64, *b == b'\n'));
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Physical line numbers of increasing byte offsets.
+struct LineCounter {
+    newlines: Rc<RefCell<VecDeque<(u64, bool)>>>,
+    passed: u64,
+}
+
+impl LineCounter {
+    /// The 1-based line where a record the reader places at `offset` starts: line breaks
+    /// at the offset itself belong to the record before (offsets must not decrease).
+    fn line_of(&mut self, offset: u64) -> u64 {
+        let mut q = self.newlines.borrow_mut();
+        let mut start = offset;
+        while let Some(&(at, is_lf)) = q.front() {
+            if at <= start {
+                if at == start {
+                    start += 1;
+                }
+                q.pop_front();
+                self.passed += is_lf as u64;
+            } else {
+                break;
+            }
+        }
+        self.passed + 1
+    }
+}
+
 /// Parses CSV rows (RFC 4180; the first record is the header). Columns: `id` (ignored),
 /// identity columns (cells split on `;`), and traits (`traits.<path>` or a bare name).
 pub fn parse_csv(
@@ -255,20 +310,29 @@ pub fn parse_csv(
     rules: &IdentityRules,
     mut emit: impl FnMut(Parsed) -> bool,
 ) -> Result<(), RowError> {
+    let newlines = Rc::new(RefCell::new(VecDeque::new()));
+    let mut lines = LineCounter {
+        newlines: newlines.clone(),
+        passed: 0,
+    };
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(body);
+        .from_reader(LineTracker {
+            inner: body,
+            offset: 0,
+            newlines,
+        });
     let mut columns: Option<Vec<Column>> = None;
     let mut record = csv::StringRecord::new();
     loop {
         let read = reader.read_record(&mut record);
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record.position().map_or(0, |p| lines.line_of(p.byte()));
         match read {
             Ok(false) => return Ok(()),
             Ok(true) => {}
             Err(e) => {
-                let line = e.position().map_or(line, |p| p.line());
+                let line = e.position().map_or(line, |p| lines.line_of(p.byte()));
                 let err = RowError {
                     line,
                     code: ErrorCode::InvalidField,
@@ -417,6 +481,31 @@ mod tests {
         assert_eq!(q.traits["vip"], false);
         let blocked = rows[3].as_ref().unwrap_err();
         assert_eq!((blocked.line, blocked.code), (6, ErrorCode::BlockedId));
+    }
+
+    #[test]
+    fn csv_lines_are_physical_with_crlf_and_quoted_line_breaks() {
+        for eol in ["\n", "\r\n"] {
+            let text = [
+                "user_id,note",
+                "u1,\"two",
+                "lines\"",
+                "",
+                ",orphan",
+                "u2,\"a\r\nb\"",
+                ",x",
+                "",
+            ]
+            .join(eol);
+            let lines: Vec<u64> = rows_csv(&text)
+                .iter()
+                .map(|r| match r {
+                    Ok(r) => r.line,
+                    Err(e) => e.line,
+                })
+                .collect();
+            assert_eq!(lines, vec![2, 5, 6, 8], "{eol:?}");
+        }
     }
 
     #[test]

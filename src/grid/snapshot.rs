@@ -100,6 +100,7 @@ pub fn encode_chunk<'a>(
         specs_json: String::new(),
         mappings_json: String::new(),
         outbox: Vec::new(),
+        erased: Vec::new(),
     }
 }
 
@@ -317,6 +318,79 @@ async fn snapshot_shard(
     }
 }
 
+/// After a snapshot: overwrites in every shard's log the records of profiles erased since
+/// the last scrub (their events, membership changes, patches, counters, the states they
+/// absorbed, and outbox records before the snapshot's cut holding their deliveries), so
+/// the erased person leaves the log (API.md: "it leaves the log at the next snapshot").
+/// The ids are in the snapshot's last chunks until the scrub is done, so a crash mid-way
+/// scrubs again after the next snapshot.
+async fn scrub_erased(grid: &Arc<Grid>, cut: &[u64]) {
+    use super::shard::{ErasedIds, ForgetErased};
+    use crate::store::log::LogRecord;
+    let mut erased = std::collections::HashSet::new();
+    for shard in 0..grid.shard_count() as u16 {
+        let (tx, rx) = oneshot::channel();
+        grid.shard(shard).do_send(ErasedIds { reply: tx });
+        erased.extend(rx.await.unwrap_or_default());
+    }
+    if erased.is_empty() {
+        return;
+    }
+    let erased = Arc::new(erased);
+    let started = std::time::Instant::now();
+    let jobs = (0..grid.shard_count() as u16).map(|shard| {
+        let erased = erased.clone();
+        let dir = grid.settings.data_dir.clone();
+        let cut = cut.get(shard as usize).copied().unwrap_or(0);
+        tokio::task::spawn_blocking(move || {
+            crate::store::log::scrub(&dir, shard, &|pos, rec| match rec {
+                // `user.deleted` carries only the id and stays readable.
+                LogRecord::Event(e) => {
+                    erased.contains(&e.profile)
+                        && !(e.kind == crate::domain::event::EventKind::System
+                            && e.name == "user.deleted")
+                }
+                LogRecord::Membership(_)
+                | LogRecord::Patch(_)
+                | LogRecord::Counter(_)
+                | LogRecord::Absorbed(_) => erased.contains(&rec.profile()),
+                // The snapshot holds what the outbox still needs from before its cut.
+                LogRecord::Outbox(o) => {
+                    pos < cut && o.entries.iter().any(|e| erased.contains(&e.profile))
+                }
+                _ => false,
+            })
+        })
+    });
+    let mut overwritten = 0;
+    let mut ok = true;
+    for r in futures_util::future::join_all(jobs).await {
+        match r {
+            Ok(Ok(n)) => overwritten += n,
+            Ok(Err(e)) => {
+                ok = false;
+                tracing::error!(error = %e, "cannot scrub erased profiles from the log; retried after the next snapshot");
+            }
+            Err(e) => {
+                ok = false;
+                tracing::error!(error = %e, "log scrub task failed");
+            }
+        }
+    }
+    if ok {
+        let ids: Vec<u128> = erased.iter().copied().collect();
+        for shard in 0..grid.shard_count() as u16 {
+            grid.shard(shard).do_send(ForgetErased { ids: ids.clone() });
+        }
+        tracing::info!(
+            profiles = erased.len(),
+            records = overwritten,
+            ms = started.elapsed().as_millis() as u64,
+            "erased profiles scrubbed from the log"
+        );
+    }
+}
+
 /// Takes a snapshot of every shard, commits it, prunes old ones and deletes log segments
 /// it made unnecessary.
 pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, SnapshotError> {
@@ -371,6 +445,7 @@ pub async fn take(grid: &Arc<Grid>, store: &SnapshotStore) -> Result<Manifest, S
     })
     .await
     .expect("snapshot commit task")?;
+    scrub_erased(grid, &manifest.cut).await;
     // Segments referenced by any profile of any shard stay (merges make them cross-shard).
     let mut live = std::collections::HashSet::new();
     for shard in 0..grid.shard_count() as u16 {

@@ -351,9 +351,15 @@ impl MappingSet {
         self.list.iter().any(|(_, m, _)| m.event == name)
     }
 
-    /// The indexes, in order (to tell two sets apart).
-    pub fn ids(&self) -> Vec<u32> {
-        self.list.iter().map(|(i, _, _)| *i).collect()
+    /// Whether both sets apply the same mappings, bodies included (the mappings file can
+    /// change a mapping's body under the same index).
+    pub fn same_as(&self, other: &MappingSet) -> bool {
+        self.list.len() == other.list.len()
+            && self
+                .list
+                .iter()
+                .zip(&other.list)
+                .all(|((a, _, ab), (b, _, bb))| a == b && ab == bb)
     }
 
     /// The stored form: `[[index, id, body], ...]`.

@@ -84,6 +84,7 @@ pub mod v1 {
                 specs_json: "[]".into(),
                 mappings_json: "[]".into(),
                 outbox: Vec::new(),
+                erased: Vec::new(),
             }
         }
     }

@@ -215,6 +215,13 @@ pub struct OutboxDoneRecord {
     pub deliveries: Vec<String>,
 }
 
+/// What an erased record is overwritten with: the same length, nothing in it.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct FillerRecord {
+    /// Zero bytes making the record as long as the one it replaced.
+    pub pad: Vec<u8>,
+}
+
 /// Every kind of state change a shard logs. New variants go at the end (older records
 /// keep their encoding).
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
@@ -239,6 +246,8 @@ pub enum LogRecord {
     Outbox(OutboxRecord),
     /// Webhook deliveries that ended.
     OutboxDone(OutboxDoneRecord),
+    /// The space of an erased record.
+    Filler(FillerRecord),
 }
 
 impl LogRecord {
@@ -252,7 +261,10 @@ impl LogRecord {
             LogRecord::MergedAway(r) => r.profile,
             LogRecord::Absorbed(r) => r.profile,
             LogRecord::Membership(r) => r.profile,
-            LogRecord::Install(_) | LogRecord::Outbox(_) | LogRecord::OutboxDone(_) => 0,
+            LogRecord::Install(_)
+            | LogRecord::Outbox(_)
+            | LogRecord::OutboxDone(_)
+            | LogRecord::Filler(_) => 0,
             LogRecord::Counter(r) => r.profile,
         }
     }
@@ -287,8 +299,70 @@ impl LogRecord {
             LogRecord::Counter(r) => r.seq,
             LogRecord::Outbox(r) => r.seq,
             LogRecord::OutboxDone(r) => r.seq,
+            LogRecord::Filler(_) => 0,
         }
     }
+}
+
+/// The encoded payload of a filler exactly `len` bytes long (records are never shorter
+/// than the smallest filler).
+fn filler_payload(len: usize) -> io::Result<Vec<u8>> {
+    // version byte + variant + length varint (1, 3 or 5 bytes) + pad
+    for varint in [1usize, 3, 5] {
+        let Some(n) = len.checked_sub(2 + varint) else {
+            continue;
+        };
+        let mut out = Vec::with_capacity(len);
+        codec::encode_into(
+            &LogRecord::Filler(FillerRecord { pad: vec![0; n] }),
+            &mut out,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if out.len() == len {
+            return Ok(out);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("no filler of {len} bytes"),
+    ))
+}
+
+/// Overwrites, in place and durably, every record of one shard's log segments that
+/// `erase` selects, with a filler of the same length: positions of every other record stay
+/// valid, and replay skips fillers. Answers how many records were overwritten. The current
+/// segment may be appended to meanwhile (only complete records are touched).
+pub fn scrub(
+    data_dir: &Path,
+    shard: u16,
+    erase: &dyn Fn(Position, &LogRecord) -> bool,
+) -> io::Result<usize> {
+    let dir = shard_dir(data_dir, shard);
+    let mut total = 0;
+    for n in list_segments(&dir)? {
+        let path = segment_path(&dir, n);
+        let mut hits: Vec<(u64, usize)> = Vec::new();
+        scan_records(&path, |offset, len, rec| {
+            if erase(position(shard, n, offset), &rec) {
+                hits.push((offset, len));
+            }
+        })?;
+        if hits.is_empty() {
+            continue;
+        }
+        let file = OpenOptions::new().write(true).open(&path)?;
+        for (offset, len) in &hits {
+            let payload = filler_payload(*len)?;
+            let mut rec = Vec::with_capacity(8 + len);
+            rec.extend_from_slice(&(*len as u32).to_le_bytes());
+            rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            rec.extend_from_slice(&payload);
+            file.write_all_at(&rec, *offset)?;
+        }
+        file.sync_data()?;
+        total += hits.len();
+    }
+    Ok(total)
 }
 
 /// What one segment holds, for skipping it in time-bounded scans.
@@ -609,8 +683,28 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Reads every intact record of a segment file, with its offset and payload length.
+fn scan_records(path: &Path, mut f: impl FnMut(u64, usize, LogRecord)) -> io::Result<u64> {
+    let mut lens: Vec<(u64, usize)> = Vec::new();
+    let mut recs = Vec::new();
+    let end = scan_file(path, 0, |offset, rec| {
+        recs.push((offset, rec));
+    })?;
+    // Lengths come from the offsets of the next records (and the end of the intact part).
+    for (i, (offset, _)) in recs.iter().enumerate() {
+        let next = recs.get(i + 1).map_or(end, |(o, _)| *o);
+        lens.push((*offset, (next - offset - 8) as usize));
+    }
+    for ((offset, rec), (_, len)) in recs.into_iter().zip(lens) {
+        f(offset, len, rec);
+    }
+    Ok(end)
+}
+
 /// Reads every intact record of one segment file from `start` (a record boundary); returns
-/// the length of the intact prefix.
+/// the length of the intact prefix. A record whose checksum fails but which a valid record
+/// follows is skipped (an overwrite by an erasure was interrupted: its length is intact);
+/// one at the end is a torn tail.
 fn scan_file(path: &Path, start: u64, mut f: impl FnMut(u64, LogRecord)) -> io::Result<u64> {
     let mut file = File::open(path)?;
     if start > 0 {
@@ -639,7 +733,25 @@ fn scan_file(path: &Path, start: u64, mut f: impl FnMut(u64, LogRecord)) -> io::
             Err(e) => return Err(e),
         }
         if crc32fast::hash(&buf) != crc {
-            return Ok(offset);
+            // Is a valid record next? Then this one is a half-overwritten erased record.
+            let mut next_header = [0u8; 8];
+            if r.read_exact(&mut next_header).is_err() {
+                return Ok(offset);
+            }
+            let next_len = u32::from_le_bytes(next_header[..4].try_into().unwrap()) as usize;
+            let next_crc = u32::from_le_bytes(next_header[4..].try_into().unwrap());
+            let mut next = vec![0u8; next_len];
+            if r.read_exact(&mut next).is_err() || crc32fast::hash(&next) != next_crc {
+                return Ok(offset);
+            }
+            tracing::warn!(path = %path.display(), offset, "skipping a record whose erasure was interrupted");
+            offset += 8 + len as u64;
+            match codec::decode_evolved::<LogRecord, super::compat::v1::LogRecord>(&next) {
+                Ok(rec) => f(offset, rec),
+                Err(_) => return Ok(offset),
+            }
+            offset += 8 + next_len as u64;
+            continue;
         }
         match codec::decode_evolved::<LogRecord, super::compat::v1::LogRecord>(&buf) {
             Ok(rec) => f(offset, rec),
@@ -709,6 +821,52 @@ impl LogReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrubbed_records_become_fillers_and_everything_else_stays_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ShardLog::open(dir.path(), 0, 1 << 30, 0, |_, _| {}).unwrap();
+        let mut positions = Vec::new();
+        for seq in 1..=6u64 {
+            let mut e = match event(seq, seq as i64) {
+                LogRecord::Event(e) => e,
+                _ => unreachable!(),
+            };
+            e.profile = if seq % 2 == 0 { 42 } else { 7 };
+            let ch = if e.profile == 42 { "y" } else { "x" };
+            e.json = format!("{{\"secret\":\"{}\"}}", ch.repeat(seq as usize * 40));
+            positions.push(log.append(&LogRecord::Event(e)).unwrap());
+        }
+        log.flush(true).unwrap();
+        let n = scrub(dir.path(), 0, &|_, r| r.profile() == 42).unwrap();
+        assert_eq!(n, 3);
+        let reader = LogReader::new(dir.path());
+        for (i, p) in positions.iter().enumerate() {
+            match reader.read(*p).unwrap() {
+                LogRecord::Event(e) => assert_eq!(e.profile, 7, "record {i}"),
+                LogRecord::Filler(_) => assert_eq!(i % 2, 1, "record {i}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let bytes = std::fs::read(segment_path(&shard_dir(dir.path(), 0), 0)).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(&"x".repeat(200)));
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&"y".repeat(40)),
+            "the erased text is gone"
+        );
+        // A half-written filler (its checksum broken) is skipped, the records after it kept.
+        let (_, _, off) = split_position(positions[2]);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(segment_path(&shard_dir(dir.path(), 0), 0))
+            .unwrap();
+        f.write_all_at(&[0xAB; 4], off + 20).unwrap();
+        drop(f);
+        let mut seen = Vec::new();
+        drop(log);
+        ShardLog::open(dir.path(), 0, 1 << 30, 0, |_, r| seen.push(r.seq())).unwrap();
+        assert_eq!(seen, vec![1, 0, 0, 5, 0], "the damaged record 3 is skipped");
+    }
 
     fn event(seq: u64, ts: i64) -> LogRecord {
         LogRecord::Event(EventRecord {

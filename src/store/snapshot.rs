@@ -74,6 +74,9 @@ pub struct ShardChunk {
     /// Webhook deliveries waiting, in the shard's last chunk (replay applies outbox
     /// records from that chunk's position on).
     pub outbox: Vec<crate::store::log::OutboxEntry>,
+    /// Erased profile ids whose records the log may still hold (scrubbed after the next
+    /// snapshot), in the shard's last chunk.
+    pub erased: Vec<u128>,
 }
 
 /// Where a chunk sits and what it covers.

@@ -127,6 +127,9 @@ pub struct Shard {
     step_outbox: Vec<OutboxEntry>,
     /// Deliveries logged in the current step, for the dispatcher once durable.
     new_deliveries: Vec<OutboxEntry>,
+    /// Erased profile ids (with what they had absorbed) whose records may still be in the
+    /// log; scrubbed after the next snapshot.
+    erased: HashSet<u128>,
 }
 
 /// Size at which a log segment is rolled.
@@ -155,6 +158,10 @@ impl Shard {
             .map(|(_, c)| crate::segment::mapping::MappingSet::from_json(&c.mappings_json))
             .unwrap_or_default();
         // The outbox is in the last chunk; replay applies outbox records after its position.
+        let mut erased: HashSet<u128> = snapshot
+            .last()
+            .map(|(_, c)| c.erased.iter().copied().collect())
+            .unwrap_or_default();
         let (mut outbox, outbox_from): (HashMap<String, OutboxEntry>, Position) = snapshot
             .last()
             .map(|(info, c)| {
@@ -239,6 +246,12 @@ impl Shard {
             if pos >= covering(rec.profile()) {
                 replayed += 1;
                 touched.insert(ProfileId(rec.profile()));
+                if let LogRecord::Delete(d) = &rec {
+                    erased.insert(d.profile);
+                    if let Some(p) = profiles.get(&ProfileId(d.profile)) {
+                        erased.extend(p.merged_from.iter().map(|m| m.0));
+                    }
+                }
                 replay(
                     &ctx,
                     &mut profiles,
@@ -290,6 +303,7 @@ impl Shard {
             outbox,
             step_outbox: Vec::new(),
             new_deliveries: Vec::new(),
+            erased,
         })
     }
 
@@ -799,8 +813,11 @@ fn replay(
                 profile.set_counter(c.spec, c.counter);
             }
         }
-        // Handled by the caller: they are about the whole shard.
-        LogRecord::Install(_) | LogRecord::Outbox(_) | LogRecord::OutboxDone(_) => {}
+        // Handled by the caller: they are about the whole shard. Fillers are erased space.
+        LogRecord::Install(_)
+        | LogRecord::Outbox(_)
+        | LogRecord::OutboxDone(_)
+        | LogRecord::Filler(_) => {}
         LogRecord::Patch(p) => {
             let pid = ProfileId(p.profile);
             let profile = profiles.entry(pid).or_insert_with(|| {
@@ -1367,6 +1384,8 @@ impl Handler<DeleteProfile> for Shard {
             self.strip_deliveries(*m);
         }
         let shown = outbox::profile_payload(&profile, outbox::Shown::Identities);
+        self.erased.insert(pid.0);
+        self.erased.extend(profile.merged_from.iter().map(|m| m.0));
         self.end_memberships(pid, memberships, Reason::Deleted, now, None, &shown);
         self.unschedule(pid);
         let ids: Vec<Identity> = profile.identities.into_iter().map(|h| h.identity).collect();
@@ -1504,6 +1523,41 @@ impl Handler<Recover> for Shard {
     }
 }
 
+/// The erased profile ids this shard's log may still hold (for the scrub after a
+/// snapshot).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ErasedIds {
+    /// The ids.
+    pub reply: oneshot::Sender<Vec<u128>>,
+}
+
+impl Handler<ErasedIds> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ErasedIds, _: &mut Self::Context) {
+        let _ = msg.reply.send(self.erased.iter().copied().collect());
+    }
+}
+
+/// The scrub removed these erased profiles' records from every log.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct ForgetErased {
+    /// The ids.
+    pub ids: Vec<u128>,
+}
+
+impl Handler<ForgetErased> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetErased, _: &mut Self::Context) {
+        for id in msg.ids {
+            self.erased.remove(&id);
+        }
+    }
+}
+
 /// Flushes the log to disk (shutdown).
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
@@ -1583,6 +1637,7 @@ impl Handler<EncodeChunk> for Shard {
         if done {
             chunk.outbox = self.outbox.values().cloned().collect();
             chunk.outbox.sort_by_key(|e| e.seq);
+            chunk.erased = self.erased.iter().copied().collect();
         }
         let _ = msg.reply.send(Ok((chunk, last, covers, done)));
     }

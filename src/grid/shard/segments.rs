@@ -496,7 +496,7 @@ impl Handler<InstallRules> for Shard {
         let have: HashSet<SpecId> = self.specs.all.keys().copied().collect();
         let mut new_specs: Vec<SpecId> = wanted.difference(&have).copied().collect();
         new_specs.sort_unstable();
-        let mappings_changed = rules.mappings.ids() != self.mappings.ids();
+        let mappings_changed = !rules.mappings.same_as(&self.mappings);
         if wanted != have || mappings_changed {
             self.specs = SpecSet::new(rules.specs.iter().map(|(id, s)| (*id, s.clone())));
             self.mappings = rules.mappings.clone();

@@ -1,0 +1,1109 @@
+//! Export, import, mappings and erasure from the log, through the real server: profiles
+//! and events streamed out and back in (row rules, line-numbered rejections, round trips
+//! into a fresh server), event-based updates over HTTP and from the mappings file (in the
+//! event's step, out-of-order events, feeding segments, across restarts), the CLI, and an
+//! erased person leaving the log files at the next snapshot.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Opts, Server, gzip, identity_set, ids, names};
+use serde_json::{Value, json};
+
+/// GET with the admin token, as text.
+async fn text(s: &Server, path: &str) -> (u16, String) {
+    let r = s
+        .http
+        .get(format!("{}{path}", s.url))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+/// The lines of a JSONL export.
+async fn export_jsonl(s: &Server, path: &str) -> Vec<Value> {
+    let (st, body) = text(s, path).await;
+    assert_eq!(st, 200, "{path}: {body}");
+    body.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{path}: line {l:?}: {e}")))
+        .collect()
+}
+
+/// The records of a CSV export (header first).
+async fn export_csv(s: &Server, path: &str) -> Vec<Vec<String>> {
+    let (st, body) = text(s, path).await;
+    assert_eq!(st, 200, "{path}: {body}");
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(body.as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+        .collect()
+}
+
+/// POST /v1/import/profiles.
+async fn import(s: &Server, format: &str, body: Vec<u8>, gzipped: bool) -> (u16, Value) {
+    let mut req = s
+        .http
+        .post(format!("{}/v1/import/profiles?format={format}", s.url))
+        .bearer_auth(&s.admin_token)
+        .body(body);
+    if gzipped {
+        req = req.header("content-encoding", "gzip");
+    }
+    common::split(req.send().await.unwrap()).await
+}
+
+/// An import that must be accepted.
+async fn import_ok(s: &Server, format: &str, body: &str) -> Value {
+    let (st, v) = import(s, format, body.as_bytes().to_vec(), false).await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// `(line, code)` of an import answer's rejections.
+fn rejected(v: &Value) -> Vec<(u64, String)> {
+    v["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(
+                !r["message"].as_str().unwrap_or("").is_empty(),
+                "a rejection without a message: {r}"
+            );
+            (
+                r["line"].as_u64().unwrap(),
+                r["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn profile(s: &Server, key: &str) -> Value {
+    let (st, p) = s.get(&format!("/v1/profiles/{key}")).await;
+    assert_eq!(st, 200, "{key}: {p}");
+    p
+}
+
+async fn ingest_ok(s: &Server, path: &str, body: Value) {
+    let (st, v) = s.ingest(path, &body).await;
+    assert_eq!(st, 200, "{body}: {v}");
+    assert_eq!(v["rejected"], json!([]), "{body}: {v}");
+}
+
+/// Creates a segment and waits until its backfill is done.
+async fn segment(s: &Server, body: Value) -> Value {
+    let (st, v) = s.admin("POST", "/v1/segments", Some(&body)).await;
+    assert_eq!(st, 201, "{body}: {v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = s.get(&format!("/v1/segments/{id}")).await;
+        if v["status"] == "ready" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "segment {id} never ready: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn member_ids(s: &Server, seg: &str) -> Vec<String> {
+    let (st, v) = s
+        .get(&format!("/v1/segments/{seg}/members?limit=1000"))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let mut out: Vec<String> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// A profile's identities and traits keyed by its user id, for round-trip comparisons.
+fn by_user(profiles: &[Value]) -> BTreeMap<String, (Vec<(String, String)>, Value)> {
+    profiles
+        .iter()
+        .map(|p| {
+            let set = identity_set(p);
+            let user = set
+                .iter()
+                .find(|(t, _)| t == "user_id")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no user id: {p}"));
+            (user, (set, p["traits"].clone()))
+        })
+        .collect()
+}
+
+/// A value as the CSV import reads it back: text, except booleans (null means absent).
+fn as_csv_value(v: &Value) -> Option<Value> {
+    match v {
+        Value::Null => None,
+        Value::Bool(_) => Some(v.clone()),
+        Value::String(s) => Some(Value::String(s.clone())),
+        Value::Object(m) => Some(Value::Object(
+            m.iter()
+                .filter_map(|(k, v)| as_csv_value(v).map(|v| (k.clone(), v)))
+                .collect(),
+        )),
+        other => Some(Value::String(other.to_string())),
+    }
+}
+
+// -------------------------------------------------------------------------------------
+// Import
+// -------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn csv_import_follows_the_row_rules_and_numbers_the_lines_it_rejects() {
+    let s = Server::start().await;
+    let body = concat!(
+        "id,user_id,email,identity:crm_id,traits.plan,vip,traits.address.city,score\r\n",
+        "ignored,u1,U1@Example.com,C-1;C-2,pro,true,Paris,'-5\r\n",
+        ",u2,,,\"free, trial\",false,\"two\r\nlines\",7\r\n",
+        ",,,,orphan,,,\r\n",
+        ",u3,,,'=SUM(A1),TRUE,,'plain\r\n",
+        ",u4,,,a,b,c,d,too many\r\n",
+        ",u1,,,,,,'@x\r\n",
+    );
+    let v = import_ok(&s, "csv", body).await;
+    assert_eq!(v["imported"], 4, "{v}");
+    assert_eq!(
+        rejected(&v),
+        vec![(5, "missing_id".into()), (7, "invalid_field".into())],
+        "{v}"
+    );
+    let u1 = profile(&s, "user_id:u1").await;
+    assert_eq!(
+        identity_set(&u1),
+        ids(&[
+            ("user_id", "u1"),
+            ("email", "u1@example.com"),
+            ("crm_id", "C-1"),
+            ("crm_id", "C-2")
+        ])
+    );
+    // The empty plan cell of line 8 left the plan; its score cell replaced line 2's.
+    assert_eq!(
+        u1["traits"],
+        json!({"plan": "pro", "vip": true, "address": {"city": "Paris"}, "score": "@x"})
+    );
+    assert_eq!(
+        profile(&s, "user_id:u2").await["traits"],
+        json!({"plan": "free, trial", "vip": false, "address": {"city": "two\r\nlines"}, "score": "7"})
+    );
+    // Only true/false are booleans; a quote not before a formula character stays.
+    assert_eq!(
+        profile(&s, "user_id:u3").await["traits"],
+        json!({"plan": "=SUM(A1)", "vip": "TRUE", "score": "'plain"})
+    );
+    assert_eq!(s.get("/v1/profiles/user_id:u4").await.0, 404);
+    assert_eq!(profile(&s, "crm_id:C-2").await["id"], u1["id"]);
+
+    // The header is checked before any row: a bad column is an error of the whole import.
+    let (st, v) = import(&s, "csv", b"user_id,traits.\nu9,x\n".to_vec(), false).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("column 2"), "{v}");
+    assert_eq!(s.get("/v1/profiles/user_id:u9").await.0, 404);
+    // A format is required and must be known; the answer names it.
+    let (st, v) = import(&s, "xml", b"x".to_vec(), false).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("xml"), "{v}");
+    let r = s
+        .http
+        .post(format!("{}/v1/import/profiles", s.url))
+        .bearer_auth(&s.admin_token)
+        .body("user_id\nu1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Without the admin token nothing is imported.
+    let r = s
+        .http
+        .post(format!("{}/v1/import/profiles?format=csv", s.url))
+        .body("user_id\nnobody\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(s.get("/v1/profiles/user_id:nobody").await.0, 404);
+}
+
+#[tokio::test]
+async fn jsonl_import_rejects_bad_lines_by_number_and_takes_gzip() {
+    let s = Server::start().await;
+    let lines = [
+        r#"{"identities": [{"type": "user_id", "value": "j1"}, {"type": "email", "value": "j1@example.com"}], "traits": {"plan": "pro", "seats": 3, "tags": ["a", "b"]}}"#,
+        r#"{"identities": [{"type": "user_id", "value": "j2"}], "traits": {"plan": "free"}"#,
+        "",
+        r#"["not", "an", "object"]"#,
+        r#"{"identities": [], "traits": {"plan": "x"}}"#,
+        r#"{"identities": [{"type": "Bad Type", "value": "v"}]}"#,
+        r#"{"identities": [{"type": "user_id", "value": "j3"}], "traits": "flat"}"#,
+        r#"{"id": "ignored", "created_at": "ignored", "identities": [{"type": "user_id", "value": 42}], "traits": {"n": null}}"#,
+    ];
+    let body = lines.join("\n") + "\n";
+    let (st, v) = import(&s, "jsonl", gzip(body.as_bytes()), true).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["imported"], 2, "{v}");
+    let codes = rejected(&v);
+    let lines_rejected: Vec<u64> = codes.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines_rejected, vec![2, 4, 5, 6, 7], "{v}");
+    assert_eq!(codes[0].1, "invalid_json");
+    assert_eq!(codes[2].1, "missing_id");
+    let j1 = profile(&s, "email:j1@example.com").await;
+    assert_eq!(
+        j1["traits"],
+        json!({"plan": "pro", "seats": 3, "tags": ["a", "b"]})
+    );
+    // A numeric identity keeps its digits as text; a null trait sets nothing.
+    assert_eq!(profile(&s, "user_id:42").await["traits"], json!({}));
+    // A body that is not gzip although it says so is a client error, nothing imported.
+    let (st, v) = import(&s, "jsonl", b"{\"identities\": []}".to_vec(), true).await;
+    assert!((400..500).contains(&st), "{st} {v}");
+}
+
+#[tokio::test]
+async fn imported_identities_link_and_merge_under_the_ingest_rules() {
+    let s = Server::start().await;
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"anonymousId": "anon-1", "event": "Viewed", "properties": {"sku": "A"}}),
+    )
+    .await;
+    ingest_ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "known", "traits": {"email": "k@example.com", "plan": "free"}}),
+    )
+    .await;
+    let anon = profile(&s, "anonymous_id:anon-1").await;
+    let v = import_ok(
+        &s,
+        "csv",
+        "user_id,anonymous_id,traits.plan\nimported,anon-1,pro\n,anon-2,x\n",
+    )
+    .await;
+    assert_eq!(v["imported"], 2, "{v}");
+    // The anonymous visitor gained the user id and kept its timeline.
+    let p = profile(&s, "user_id:imported").await;
+    assert_eq!(p["id"], anon["id"]);
+    assert_eq!(p["traits"]["plan"], "pro");
+    assert_eq!(
+        names(&s.events("user_id:imported", "type=track").await),
+        vec!["Viewed"]
+    );
+    // A row whose email belongs to a known user updates that user.
+    let v = import_ok(&s, "csv", "email,plan\nk@example.com,pro\n").await;
+    assert_eq!(v["imported"], 1, "{v}");
+    assert_eq!(profile(&s, "user_id:known").await["traits"]["plan"], "pro");
+    // A row joining an anonymous profile to a known user merges them like ingest does.
+    let v = import_ok(&s, "csv", "user_id,anonymous_id\nknown,anon-2\n").await;
+    assert_eq!(v["imported"], 1, "{v}");
+    let merged = profile(&s, "anonymous_id:anon-2").await;
+    assert_eq!(
+        identity_set(&merged),
+        ids(&[
+            ("user_id", "known"),
+            ("email", "k@example.com"),
+            ("anonymous_id", "anon-2")
+        ])
+    );
+    // The known user's plan was written after the anonymous one's: the newer write wins.
+    assert_eq!(merged["traits"]["plan"], "pro", "{merged}");
+    assert_eq!(s.all_profiles().await.len(), 2);
+}
+
+// -------------------------------------------------------------------------------------
+// Round trips
+// -------------------------------------------------------------------------------------
+
+/// A user base with every kind of identity and value.
+async fn seed(s: &Server) {
+    let mut batch = Vec::new();
+    for n in 0..300 {
+        let plan = ["free", "pro", "team"][n % 3];
+        let mut traits = json!({
+            "email": format!("p{n}@example.com"),
+            "plan": plan,
+            "seats": n,
+            "ratio": n as f64 / 8.0,
+            "vip": n % 2 == 0,
+            "address": {"city": format!("City {n}"), "zip": format!("{:05}", n)},
+            "tags": ["a", format!("t{n}")],
+            "note": format!("=HYPERLINK(\"x\", {n}), \"quoted\"\nnext line"),
+            "dotted.key": "literal",
+        });
+        if n % 5 == 0 {
+            traits["phone"] = json!(format!("+1555000{n:04}"));
+        }
+        batch.push(json!({
+            "type": "identify", "userId": format!("user-{n}"), "anonymousId": format!("anon-{n}"),
+            "traits": traits,
+            "context": {"externalIds": [{"id": format!("crm-{n}"), "type": "crm_id"}]},
+        }));
+    }
+    let (st, v) = s.ingest("/v1/batch", &json!({"batch": batch})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["rejected"], json!([]), "{v}");
+}
+
+#[tokio::test]
+async fn jsonl_export_imported_into_a_fresh_server_gives_the_same_people() {
+    let a = Server::start().await;
+    seed(&a).await;
+    let exported = export_jsonl(&a, "/v1/export/profiles?format=jsonl").await;
+    assert_eq!(exported.len(), 300);
+    // Ascending id order, each line the profile as GET /v1/profiles/{key} returns it.
+    let idlist: Vec<&str> = exported.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let mut sorted = idlist.clone();
+    sorted.sort();
+    assert_eq!(idlist, sorted);
+    let one = profile(&a, "user_id:user-7").await;
+    let line = exported.iter().find(|p| p["id"] == one["id"]).unwrap();
+    assert_eq!(line["identities"], one["identities"]);
+    assert_eq!(line["traits"], one["traits"]);
+
+    let b = Server::start().await;
+    let body: String = exported.iter().map(|p| format!("{p}\n")).collect();
+    let v = import_ok(&b, "jsonl", &body).await;
+    assert_eq!(v["imported"], 300, "{v}");
+    assert_eq!(v["rejected"], json!([]), "{v}");
+    let again = export_jsonl(&b, "/v1/export/profiles?format=jsonl").await;
+    assert_eq!(by_user(&again), by_user(&exported));
+}
+
+#[tokio::test]
+async fn csv_export_imported_into_a_fresh_server_gives_the_same_values_as_text() {
+    let a = Server::start().await;
+    seed(&a).await;
+    let records = export_csv(&a, "/v1/export/profiles?format=csv").await;
+    assert_eq!(records.len(), 301);
+    let header = &records[0];
+    assert_eq!(
+        header[..6],
+        [
+            "id",
+            "user_id",
+            "email",
+            "phone",
+            "anonymous_id",
+            "identity:crm_id"
+        ]
+    );
+    let traits: Vec<&String> = header[6..].iter().collect();
+    let mut sorted = traits.clone();
+    sorted.sort();
+    assert_eq!(traits, sorted, "trait columns are sorted");
+    assert!(
+        header.contains(&"traits.dotted\\.key".to_owned()),
+        "{header:?}"
+    );
+    assert!(
+        header.contains(&"traits.address.city".to_owned()),
+        "{header:?}"
+    );
+    // Formulas are neutralised, numbers written plain.
+    let note = header.iter().position(|h| h == "traits.note").unwrap();
+    let seats = header.iter().position(|h| h == "traits.seats").unwrap();
+    assert!(
+        records[1..]
+            .iter()
+            .all(|r| r[note].starts_with("'=HYPERLINK"))
+    );
+    assert!(records[1..].iter().any(|r| r[seats] == "7"));
+
+    let c = Server::start().await;
+    let (_, csv_text) = text(&a, "/v1/export/profiles?format=csv").await;
+    let v = import_ok(&c, "csv", &csv_text).await;
+    assert_eq!(v["imported"], 300, "{v}");
+    assert_eq!(v["rejected"], json!([]), "{v}");
+    let original = by_user(&export_jsonl(&a, "/v1/export/profiles?format=jsonl").await);
+    let back = by_user(&export_jsonl(&c, "/v1/export/profiles?format=jsonl").await);
+    assert_eq!(back.len(), 300);
+    for (user, (set, traits)) in &original {
+        let (set2, traits2) = &back[user];
+        assert_eq!(set2, set, "{user}");
+        assert_eq!(Some(traits2.clone()), as_csv_value(traits), "{user}");
+    }
+}
+
+#[tokio::test]
+async fn exports_take_fields_segments_and_event_filters() {
+    let s = Server::start().await;
+    seed(&s).await;
+    ingest_ok(
+        &s,
+        "/v1/batch",
+        json!({"batch": [
+            {"type": "track", "userId": "user-1", "event": "Bought", "properties": {"sku": "=cmd", "price": -5},
+             "timestamp": "2026-01-02T00:00:00Z"},
+            {"type": "track", "userId": "user-4", "event": "Bought", "properties": {"sku": "B"},
+             "timestamp": "2026-01-03T00:00:00Z"},
+            {"type": "track", "userId": "user-5", "event": "Viewed", "timestamp": "2026-01-04T00:00:00Z"},
+        ]}),
+    )
+    .await;
+    segment(
+        &s,
+        json!({"id": "teams", "name": "Teams", "rule": {"trait": "plan", "op": "eq", "value": "team"}}),
+    )
+    .await;
+    let rows = export_csv(
+        &s,
+        "/v1/export/profiles?format=csv&segment=teams&fields=user_id,traits.seats,identity:crm_id",
+    )
+    .await;
+    assert_eq!(rows[0], vec!["user_id", "traits.seats", "identity:crm_id"]);
+    assert_eq!(rows.len(), 101);
+    assert!(rows[1..].iter().all(|r| {
+        let n: usize = r[0].strip_prefix("user-").unwrap().parse().unwrap();
+        n % 3 == 2 && r[1] == n.to_string() && r[2] == format!("crm-{n}")
+    }));
+    let lines = export_jsonl(
+        &s,
+        "/v1/export/profiles?format=jsonl&segment=teams&fields=user_id,traits.address.city",
+    )
+    .await;
+    assert_eq!(lines.len(), 100);
+    let (_, raw) = text(
+        &s,
+        "/v1/export/profiles?format=jsonl&segment=teams&fields=user_id,traits.address.city",
+    )
+    .await;
+    let first = raw.lines().next().unwrap();
+    assert!(
+        first.starts_with("{\"user_id\":[") && first.contains("],\"traits.address.city\":\"City "),
+        "exactly the fields, in order: {first}"
+    );
+    assert_eq!(lines[0].as_object().unwrap().len(), 2);
+    assert!(lines[0]["user_id"].is_array(), "{}", lines[0]);
+    // Bad parameters name themselves.
+    for (path, word) in [
+        ("/v1/export/profiles?format=xls", "xls"),
+        ("/v1/export/profiles?fields=traits.", "fields"),
+        ("/v1/export/profiles?segment=nope", "nope"),
+        ("/v1/export/events?since=yesterday", "since"),
+    ] {
+        let (st, body) = text(&s, path).await;
+        assert!((400..=404).contains(&st), "{path}: {st}");
+        assert!(body.contains(word), "{path}: {body}");
+    }
+    // Events: filters, profile ids, CSV with JSON text columns and the formula guard.
+    let events = export_jsonl(&s, "/v1/export/events?format=jsonl&name=Bought").await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    let user1 = profile(&s, "user_id:user-1").await;
+    assert!(events.iter().any(|e| e["profile_id"] == user1["id"]));
+    let events = export_jsonl(
+        &s,
+        "/v1/export/events?format=jsonl&type=track&since=2026-01-03T00:00:00Z",
+    )
+    .await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    let rows = export_csv(&s, "/v1/export/events?format=csv&name=Bought").await;
+    let props = rows[0].iter().position(|h| h == "properties").unwrap();
+    let pid = rows[0].iter().position(|h| h == "profile_id").unwrap();
+    let row1 = rows[1..].iter().find(|r| r[pid] == user1["id"]).unwrap();
+    let parsed: Value = serde_json::from_str(&row1[props]).unwrap();
+    assert_eq!(parsed, json!({"sku": "=cmd", "price": -5}));
+    let none = export_jsonl(
+        &s,
+        "/v1/export/events?format=jsonl&segment=teams&name=Bought",
+    )
+    .await;
+    assert!(none.is_empty(), "user-1 and user-4 are not teams: {none:?}");
+    let teams = export_jsonl(
+        &s,
+        "/v1/export/events?format=jsonl&segment=teams&type=track",
+    )
+    .await;
+    let user5 = profile(&s, "user_id:user-5").await;
+    assert_eq!(teams.len(), 1, "{teams:?}");
+    assert_eq!(teams[0]["profile_id"], user5["id"]);
+}
+
+#[tokio::test]
+async fn cli_export_and_import_move_profiles_between_servers() {
+    let a = Server::start().await;
+    seed(&a).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("people.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args([
+            "export",
+            "--format",
+            "jsonl",
+            "--server",
+            &a.url,
+            "--token",
+            &a.admin_token,
+            "-o",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exported 300 profiles"));
+    let b = Server::start().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args(["import", "--server", &b.url, "--token", &b.admin_token])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["imported"], 300, "{answer}");
+    assert_eq!(
+        by_user(&export_jsonl(&b, "/v1/export/profiles?format=jsonl").await),
+        by_user(&export_jsonl(&a, "/v1/export/profiles?format=jsonl").await)
+    );
+    // A wrong token is a clear failure, not an empty file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args(["export", "--server", &a.url, "--token", "wrong", "-o"])
+        .arg(dir.path().join("x.csv"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+// -------------------------------------------------------------------------------------
+// Mappings
+// -------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn mappings_apply_every_action_in_the_events_step() {
+    let s = Server::start().await;
+    // An event before the mapping exists changes nothing.
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "m1", "event": "Plan Changed", "properties": {"plan": "early"}}),
+    )
+    .await;
+    let body = json!({
+        "id": "plans",
+        "event": "Plan Changed",
+        "where": [{"property": "plan", "op": "exists"}],
+        "actions": [
+            {"set": "plan", "from": "properties.plan"},
+            {"set": "plan_changed_at", "from": "timestamp"},
+            {"set": "source", "value": "billing"},
+            {"increment": "plan_changes", "by": 1},
+            {"append": "plans_seen", "from": "properties.plan"},
+            {"set": "seats", "from": "properties.seats"},
+            {"unset": "trial"},
+        ],
+    });
+    let (st, created) = s.admin("POST", "/v1/mappings", Some(&body)).await;
+    assert_eq!(st, 201, "{created}");
+    assert_eq!(created["id"], "plans");
+    assert_eq!(created["actions"], body["actions"]);
+    assert!(created["created_at"].is_string(), "{created}");
+    let (_, got) = s.get("/v1/mappings/plans").await;
+    assert_eq!(got, created);
+    let (_, list) = s.get("/v1/mappings").await;
+    assert_eq!(list["mappings"], json!([created]));
+    assert_eq!(profile(&s, "user_id:m1").await["traits"], json!({}));
+
+    ingest_ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "m1", "traits": {"trial": true}, "timestamp": "2026-02-01T00:00:00Z"}),
+    )
+    .await;
+    for (plan, ts) in [
+        ("pro", "2026-03-01T00:00:00.000Z"),
+        ("team", "2026-03-02T00:00:00.000Z"),
+        ("pro", "2026-03-03T00:00:00.000Z"),
+    ] {
+        ingest_ok(
+            &s,
+            "/v1/track",
+            json!({"userId": "m1", "event": "Plan Changed", "properties": {"plan": plan}, "timestamp": ts}),
+        )
+        .await;
+    }
+    // Conditions: no plan property, no update.
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "m1", "event": "Plan Changed", "properties": {"seats": 9}}),
+    )
+    .await;
+    let p = profile(&s, "user_id:m1").await;
+    assert_eq!(
+        p["traits"],
+        json!({"plan": "pro", "plan_changed_at": "2026-03-03T00:00:00.000Z", "source": "billing",
+               "plan_changes": 3, "plans_seen": ["pro", "team"]}),
+        "{p}"
+    );
+    // Each changing event fired user.updated with what changed.
+    let updates = s
+        .events("user_id:m1", "type=system&name=user.updated&limit=100")
+        .await;
+    assert_eq!(updates.len(), 4, "{updates:?}");
+    let last = &updates[0]["properties"];
+    assert!(last.to_string().contains("plan_changes"), "{last}");
+    // The missing `properties.seats` was counted.
+    let (_, metrics) = text(&s, "/metrics").await;
+    let missing: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("user360_mapping_missing_paths_total "))
+        .unwrap_or_else(|| panic!("no missing-path counter in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert_eq!(missing, 3.0);
+
+    // After DELETE, events no longer update.
+    assert_eq!(s.admin("DELETE", "/v1/mappings/plans", None).await.0, 204);
+    assert_eq!(s.get("/v1/mappings/plans").await.0, 404);
+    assert_eq!(s.admin("DELETE", "/v1/mappings/plans", None).await.0, 404);
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "m1", "event": "Plan Changed", "properties": {"plan": "free"}}),
+    )
+    .await;
+    assert_eq!(profile(&s, "user_id:m1").await["traits"]["plan"], "pro");
+}
+
+#[tokio::test]
+async fn mapping_sets_follow_event_time_and_increments_count_every_event() {
+    let s = Server::start().await;
+    let (st, v) = s
+        .admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"event": "Visited", "actions": [
+                {"set": "last_page", "from": "properties.page"},
+                {"increment": "visits", "by": 1},
+                {"increment": "spend", "from": "properties.x", "by": 0.5},
+            ]})),
+        )
+        .await;
+    // `from` is not part of `increment`: the error names the action.
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("actions[2]"), "{v}");
+    let (st, v) = s
+        .admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"event": "Visited", "actions": [
+                {"set": "last_page", "from": "properties.page"},
+                {"increment": "visits", "by": 1},
+                {"increment": "spend", "by": 0.5},
+            ]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert!(v["id"].as_str().is_some_and(|id| !id.is_empty()), "{v}");
+    // Delivered out of order: the newest event's page wins; every visit counts.
+    for (page, ts) in [
+        ("/c", "2026-05-03T00:00:00Z"),
+        ("/a", "2026-05-01T00:00:00Z"),
+        ("/b", "2026-05-02T00:00:00Z"),
+    ] {
+        ingest_ok(
+            &s,
+            "/v1/track",
+            json!({"userId": "o1", "event": "Visited", "properties": {"page": page}, "timestamp": ts}),
+        )
+        .await;
+    }
+    let p = profile(&s, "user_id:o1").await;
+    assert_eq!(
+        p["traits"],
+        json!({"last_page": "/c", "visits": 3, "spend": 1.5}),
+        "{p}"
+    );
+    // An increment of a trait that is not a number leaves it (counted), the rest applies.
+    ingest_ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "o2", "traits": {"visits": "many"}}),
+    )
+    .await;
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "o2", "event": "Visited", "properties": {"page": "/x"}}),
+    )
+    .await;
+    let p = profile(&s, "user_id:o2").await;
+    assert_eq!(p["traits"]["visits"], "many");
+    assert_eq!(p["traits"]["last_page"], "/x");
+    // Mappings never run on standard events, and bad bodies name the field.
+    for (body, word) in [
+        (
+            json!({"event": "user.updated", "actions": [{"unset": "x"}]}),
+            "event",
+        ),
+        (json!({"event": "E", "actions": []}), "actions"),
+        (
+            json!({"event": "E", "actions": [{"explode": "x"}]}),
+            "actions[0]",
+        ),
+        (
+            json!({"event": "E", "actions": [{"set": "", "value": 1}]}),
+            "actions[0]",
+        ),
+        (
+            json!({"event": "E", "where": [{"property": "p", "op": "bogus"}], "actions": [{"unset": "x"}]}),
+            "where",
+        ),
+    ] {
+        let (st, v) = s.admin("POST", "/v1/mappings", Some(&body)).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v.to_string().contains(word), "{body}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn a_mapping_feeds_segments_and_replays_the_same_after_restart() {
+    let mut s = Server::start().await;
+    segment(
+        &s,
+        json!({"id": "pros", "name": "Pros", "rule": {"trait": "plan", "op": "eq", "value": "pro"}}),
+    )
+    .await;
+    let (st, v) = s
+        .admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"id": "plan", "event": "Plan Changed", "actions": [
+                {"set": "plan", "from": "properties.plan"},
+                {"append": "history", "from": "properties.plan"},
+            ]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    for (u, plan) in [("r1", "pro"), ("r2", "free"), ("r3", "pro")] {
+        ingest_ok(
+            &s,
+            "/v1/track",
+            json!({"userId": u, "event": "Plan Changed", "properties": {"plan": plan}}),
+        )
+        .await;
+    }
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "r3", "event": "Plan Changed", "properties": {"plan": ["free", "pro"]}}),
+    )
+    .await;
+    let r1 = profile(&s, "user_id:r1").await;
+    let r3 = profile(&s, "user_id:r3").await;
+    let mut expected = vec![r1["id"].as_str().unwrap().to_owned()];
+    expected.sort();
+    assert_eq!(
+        member_ids(&s, "pros").await,
+        expected,
+        "r3's plan is now a list"
+    );
+    assert_eq!(r3["traits"]["history"], json!(["pro", "free"]));
+    let entered = s.events("user_id:r1", "name=segment.entered").await;
+    assert_eq!(entered.len(), 1, "{entered:?}");
+    // The mapping goes; after a restart the log replays what was applied while it was in
+    // force, and later events are not mapped.
+    assert_eq!(s.admin("DELETE", "/v1/mappings/plan", None).await.0, 204);
+    let before = export_jsonl(&s, "/v1/export/profiles?format=jsonl").await;
+    let dir = s.keep_dir();
+    s.terminate();
+    let s = Server::start_in(&s.data_dir.clone(), Opts::default()).await;
+    let after = export_jsonl(&s, "/v1/export/profiles?format=jsonl").await;
+    assert_eq!(by_user(&after), by_user(&before));
+    assert_eq!(s.get("/v1/mappings").await.1["mappings"], json!([]));
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "r2", "event": "Plan Changed", "properties": {"plan": "pro"}}),
+    )
+    .await;
+    assert_eq!(profile(&s, "user_id:r2").await["traits"]["plan"], "free");
+    assert_eq!(member_ids(&s, "pros").await, expected);
+    drop(dir);
+}
+
+#[tokio::test]
+async fn the_mappings_file_is_loaded_at_start_and_wins_over_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("mappings.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[mappings]]
+id = "signup"
+event = "Signed Up"
+where = [{ property = "referrer", op = "exists" }]
+actions = [
+  { set = "referrer", from = "properties.referrer" },
+  { set = "signed_up", value = true },
+]
+"#,
+    )
+    .unwrap();
+    let env = vec![(
+        "USER360_MAPPINGS_FILE".to_owned(),
+        file.display().to_string(),
+    )];
+    let mut s = Server::start_in(
+        &tmp.path().join("data"),
+        Opts {
+            env: env.clone(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (_, list) = s.get("/v1/mappings").await;
+    assert_eq!(list["mappings"].as_array().unwrap().len(), 1, "{list}");
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "f1", "event": "Signed Up", "properties": {"referrer": "ads"}}),
+    )
+    .await;
+    assert_eq!(
+        profile(&s, "user_id:f1").await["traits"],
+        json!({"referrer": "ads", "signed_up": true})
+    );
+    // An API edit of the same id lasts until the next start, when the file's version wins.
+    assert_eq!(
+        s.admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"id": "signup", "event": "E", "actions": [{"unset": "x"}]}))
+        )
+        .await
+        .0,
+        409
+    );
+    assert_eq!(s.admin("DELETE", "/v1/mappings/signup", None).await.0, 204);
+    let (st, v) = s
+        .admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"id": "signup", "event": "Signed Up", "actions": [{"set": "signed_up", "value": false}]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "f1", "event": "Signed Up", "properties": {"referrer": "ads"}}),
+    )
+    .await;
+    assert_eq!(
+        profile(&s, "user_id:f1").await["traits"]["signed_up"],
+        false
+    );
+    s.terminate();
+    let s = Server::start_in(
+        &tmp.path().join("data"),
+        Opts {
+            env: env.clone(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "f2", "event": "Signed Up", "properties": {"referrer": "mail"}}),
+    )
+    .await;
+    assert_eq!(
+        profile(&s, "user_id:f2").await["traits"],
+        json!({"referrer": "mail", "signed_up": true})
+    );
+    drop(s);
+    // A broken file stops the start with a message naming the mapping.
+    std::fs::write(
+        &file,
+        "[[mappings]]\nid = \"bad\"\nevent = \"E\"\nactions = [{ explode = \"x\" }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .env("USER360_MAPPINGS_FILE", &file)
+        .env("USER360_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mapping 1") && err.contains("actions[0]"),
+        "{err}"
+    );
+}
+
+// -------------------------------------------------------------------------------------
+// Erasure
+// -------------------------------------------------------------------------------------
+
+/// Whether any file under `dir` contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_erased_person_leaves_the_log_at_the_next_snapshot() {
+    let mut s = Server::start().await;
+    segment(
+        &s,
+        json!({"id": "buyers", "name": "Buyers", "rule": {"event": "Bought", "count": {"gte": 1}}}),
+    )
+    .await;
+    // The person: an anonymous visit merged into a known user, traits, events, a membership.
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"anonymousId": "anon-gone", "event": "Bought",
+        "properties": {"note": "SECRET-ANON-PROPERTY"}}),
+    )
+    .await;
+    ingest_ok(&s, "/v1/identify", json!({"userId": "gone", "traits": {"email": "gone@example.com", "diary": "SECRET-TRAIT-TEXT"}})).await;
+    ingest_ok(
+        &s,
+        "/v1/alias",
+        json!({"userId": "gone", "previousId": "anon-gone"}),
+    )
+    .await;
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "gone", "event": "Bought", "properties": {"note": "SECRET-EVENT-TEXT"}}),
+    )
+    .await;
+    // Someone who stays.
+    ingest_ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "stays", "traits": {"diary": "KEPT-TRAIT-TEXT"}}),
+    )
+    .await;
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "stays", "event": "Bought", "properties": {"note": "KEPT-EVENT-TEXT"}}),
+    )
+    .await;
+    let gone = profile(&s, "user_id:gone").await;
+    assert_eq!(identity_set(&gone).len(), 3, "{gone}");
+    assert_eq!(member_ids(&s, "buyers").await.len(), 2);
+    let logs = s.data_dir.clone();
+    assert!(
+        !files_containing(&logs, b"SECRET-TRAIT-TEXT").is_empty(),
+        "the log holds it before"
+    );
+
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:gone", None).await.0,
+        204
+    );
+    // Gone from every read and export at once.
+    for path in [
+        "/v1/export/profiles?format=jsonl",
+        "/v1/export/profiles?format=csv",
+        "/v1/export/events?format=jsonl",
+        "/v1/events?limit=1000",
+        "/v1/segments/buyers/members",
+    ] {
+        let (st, body) = text(&s, path).await;
+        assert_eq!(st, 200, "{path}");
+        assert!(
+            !body.contains("SECRET") && !body.contains("gone@"),
+            "{path}: {body}"
+        );
+        assert!(
+            path.contains("members") || body.contains("KEPT"),
+            "{path}: {body}"
+        );
+    }
+    // After a snapshot, no file of the data dir holds the person's text, and the backup
+    // file does not either; the other person's is still there.
+    let (st, snap) = s.admin("POST", "/v1/admin/snapshots", None).await;
+    assert_eq!(st, 201, "{snap}");
+    for secret in [
+        "SECRET-TRAIT-TEXT",
+        "SECRET-EVENT-TEXT",
+        "SECRET-ANON-PROPERTY",
+        "gone@example.com",
+    ] {
+        assert_eq!(
+            files_containing(&logs, secret.as_bytes()),
+            Vec::<std::path::PathBuf>::new(),
+            "{secret}"
+        );
+    }
+    assert!(!files_containing(&logs, b"KEPT-EVENT-TEXT").is_empty());
+    let r = s
+        .http
+        .get(format!(
+            "{}/v1/admin/snapshots/{}",
+            s.url,
+            snap["id"].to_string().trim_matches('"')
+        ))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let backup = r.bytes().await.unwrap();
+    assert!(!backup.windows(6).any(|w| w == b"SECRET"));
+    assert!(backup.windows(15).any(|w| w == b"KEPT-EVENT-TEXT"));
+    // A restart replays the scrubbed log: the other person whole, the erased one absent,
+    // user.deleted still listed.
+    let dir = s.keep_dir();
+    s.terminate();
+    let s = Server::start_in(&logs, Opts::default()).await;
+    assert_eq!(s.get("/v1/profiles/user_id:gone").await.0, 404);
+    assert_eq!(s.get("/v1/profiles/anonymous_id:anon-gone").await.0, 404);
+    let stays = profile(&s, "user_id:stays").await;
+    assert_eq!(stays["traits"]["diary"], "KEPT-TRAIT-TEXT");
+    assert_eq!(
+        names(&s.events("user_id:stays", "type=track").await),
+        vec!["Bought"]
+    );
+    assert_eq!(
+        member_ids(&s, "buyers").await,
+        vec![stays["id"].as_str().unwrap().to_owned()]
+    );
+    let (_, sys) = s.get("/v1/events?type=system&name=user.deleted").await;
+    assert_eq!(sys["events"].as_array().unwrap().len(), 1, "{sys}");
+    drop(dir);
+}
