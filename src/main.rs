@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use user360::config::{FlagOverrides, Settings};
 
+/// mimalloc instead of the system allocator: the grid allocates many small, short-lived
+/// values per message from several threads, where glibc malloc spent a third of the import
+/// and ingest time and contended on its arena locks (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// User360: a real-time Customer Data Platform engine.
 #[derive(Parser)]
 #[command(name = "user360", version, about)]
@@ -41,9 +47,9 @@ enum Command {
         /// Only the members of this segment.
         #[arg(long)]
         segment: Option<String>,
-        /// csv or jsonl.
-        #[arg(long, default_value = "csv")]
-        format: String,
+        /// csv or jsonl (default: from the output file's extension, else jsonl as over HTTP).
+        #[arg(long)]
+        format: Option<String>,
         /// A comma list of id, identity columns and traits.<path>.
         #[arg(long)]
         fields: Option<String>,
@@ -140,6 +146,16 @@ fn main() -> anyhow::Result<()> {
             fields,
             output,
         } => {
+            let format = format.unwrap_or_else(|| {
+                match output
+                    .as_deref()
+                    .and_then(|p| p.extension())
+                    .and_then(|e| e.to_str())
+                {
+                    Some("csv") => "csv".to_owned(),
+                    _ => "jsonl".to_owned(),
+                }
+            });
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -500,7 +500,17 @@ async fn exports_take_fields_segments_and_event_filters() {
         assert!((400..=404).contains(&st), "{path}: {st}");
         assert!(body.contains(word), "{path}: {body}");
     }
-    // Events: filters, profile ids, CSV with JSON text columns and the formula guard.
+    // Events: profile by profile in ascending id order (across shards), filters, profile
+    // ids, CSV with JSON text columns and the formula guard.
+    let all = export_jsonl(&s, "/v1/export/events?format=jsonl").await;
+    assert!(all.len() > 600, "{}", all.len());
+    let order: Vec<&str> = all
+        .iter()
+        .map(|e| e["profile_id"].as_str().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
     let events = export_jsonl(&s, "/v1/export/events?format=jsonl&name=Bought").await;
     assert_eq!(events.len(), 2, "{events:?}");
     let user1 = profile(&s, "user_id:user-1").await;
@@ -542,8 +552,6 @@ async fn cli_export_and_import_move_profiles_between_servers() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
         .args([
             "export",
-            "--format",
-            "jsonl",
             "--server",
             &a.url,
             "--token",
@@ -584,6 +592,30 @@ async fn cli_export_and_import_move_profiles_between_servers() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // The format follows the output file's extension: a .csv file gets CSV.
+    let csv_file = dir.path().join("people.csv");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args([
+            "export",
+            "--server",
+            &a.url,
+            "--token",
+            &a.admin_token,
+            "--fields",
+            "user_id",
+            "-o",
+        ])
+        .arg(&csv_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&csv_file).unwrap();
+    assert!(text.starts_with("user_id\r\nuser-"), "{text:.80}");
+    assert_eq!(text.lines().count(), 301);
 }
 
 // -------------------------------------------------------------------------------------

@@ -40,16 +40,26 @@ pub enum ProfileFormat {
     Csv(Vec<Field>),
 }
 
-/// A rendered row.
-pub enum Row {
-    /// A JSON line (without the newline).
-    Line(String),
-    /// CSV cells.
-    Cells(Vec<String>),
+/// A rendered row: a JSON line or a CSV record, with its line end (rendered in the shard,
+/// so the shards share the work).
+pub type Row = Vec<u8>;
+
+/// The rows of one export slice.
+type Slice = Vec<(ProfileId, Row)>;
+
+/// One shard's side of the merge.
+struct ShardCursor {
+    /// Rows received and not yet merged.
+    buf: VecDeque<(ProfileId, Row)>,
+    /// The next slice, asked for before this one runs out (the shard renders it while the
+    /// merge consumes the current one).
+    pending: Option<oneshot::Receiver<Slice>>,
+    /// Whether the shard has no more rows.
+    done: bool,
 }
 
-/// One shard's side of the merge: buffered rows, where to continue, whether it is done.
-type ShardCursor = (VecDeque<(ProfileId, Row)>, Option<ProfileId>, bool);
+/// Export bytes are sent in chunks of about this size (not one per row).
+const EXPORT_CHUNK: usize = 64 * 1024;
 
 /// Merges the shards' id-ordered slices into one id-ordered sequence of rows.
 struct ProfileMerge {
@@ -61,33 +71,152 @@ struct ProfileMerge {
 }
 
 impl ProfileMerge {
-    async fn refill(&mut self, i: usize) {
-        let (buf, after, done) = &mut self.shards[i];
-        if !buf.is_empty() || *done {
-            return;
-        }
+    /// Asks shard `i` for the slice after `after`.
+    fn ask(&self, i: usize, after: Option<ProfileId>) -> oneshot::Receiver<Slice> {
         let (tx, rx) = oneshot::channel();
         self.grid.shard(i as u16).do_send(ExportSlice {
-            after: *after,
+            after,
             segment: self.segment,
             format: self.format.clone(),
             reply: tx,
         });
-        let rows = rx.await.unwrap_or_default();
-        *done = rows.len() < EXPORT_SLICE;
-        *after = rows.last().map(|(id, _)| *id).or(*after);
-        buf.extend(rows);
+        rx
+    }
+
+    async fn refill(&mut self, i: usize) -> std::io::Result<()> {
+        let c = &self.shards[i];
+        if !c.buf.is_empty() || c.done {
+            return Ok(());
+        }
+        let rx = match self.shards[i].pending.take() {
+            Some(rx) => rx,
+            None => self.ask(i, None),
+        };
+        let rows = rx.await.map_err(|_| shard_gone(i))?;
+        let done = rows.len() < EXPORT_SLICE;
+        if !done {
+            let next = self.ask(i, rows.last().map(|(id, _)| *id));
+            self.shards[i].pending = Some(next);
+        }
+        let c = &mut self.shards[i];
+        c.done = done;
+        c.buf.extend(rows);
+        Ok(())
     }
 
     /// The next row in id order.
-    async fn next(&mut self) -> Option<Row> {
+    async fn next(&mut self) -> std::io::Result<Option<Row>> {
         for i in 0..self.shards.len() {
-            self.refill(i).await;
+            self.refill(i).await?;
         }
-        let i = (0..self.shards.len())
-            .filter(|i| !self.shards[*i].0.is_empty())
-            .min_by_key(|i| self.shards[*i].0.front().map(|(id, _)| *id))?;
-        self.shards[i].0.pop_front().map(|(_, r)| r)
+        let Some(i) = (0..self.shards.len())
+            .filter(|i| !self.shards[*i].buf.is_empty())
+            .min_by_key(|i| self.shards[*i].buf.front().map(|(id, _)| *id))
+        else {
+            return Ok(None);
+        };
+        Ok(self.shards[i].buf.pop_front().map(|(_, r)| r))
+    }
+
+    /// The next rows, about [`EXPORT_CHUNK`] bytes of them; None at the end.
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        let mut chunk = Vec::with_capacity(EXPORT_CHUNK + 4096);
+        while chunk.len() < EXPORT_CHUNK {
+            match self.next().await? {
+                Some(row) => chunk.extend_from_slice(&row),
+                None => break,
+            }
+        }
+        Ok((!chunk.is_empty()).then(|| Bytes::from(chunk)))
+    }
+}
+
+fn shard_gone(i: usize) -> std::io::Error {
+    std::io::Error::other(format!("shard {i} stopped during the export"))
+}
+
+/// One shard's side of the event export merge: (profile, its matching events' positions)
+/// in id order.
+struct EventCursor {
+    buf: VecDeque<(ProfileId, Vec<u64>)>,
+    after: Option<ProfileId>,
+    done: bool,
+}
+
+/// Merges the shards' profile-ordered event positions, reads the events in batches off
+/// the async threads, and renders them.
+struct EventMerge {
+    grid: Arc<Grid>,
+    filter: EventFilter,
+    segment: Option<SegIdx>,
+    shards: Vec<EventCursor>,
+}
+
+/// Events read from the log per blocking task.
+const EVENT_READ_BATCH: usize = 512;
+
+impl EventMerge {
+    async fn refill(&mut self, i: usize) -> std::io::Result<()> {
+        while self.shards[i].buf.is_empty() && !self.shards[i].done {
+            let (tx, rx) = oneshot::channel();
+            self.grid.shard(i as u16).do_send(ExportEventsSlice {
+                after: self.shards[i].after,
+                segment: self.segment,
+                filter: self.filter.clone(),
+                reply: tx,
+            });
+            let (last, done, hits) = rx.await.map_err(|_| shard_gone(i))?;
+            let c = &mut self.shards[i];
+            c.done = done;
+            c.after = last.or(c.after);
+            // Hits come grouped by profile.
+            for (pid, pos) in hits {
+                match c.buf.back_mut() {
+                    Some((p, list)) if *p == pid => list.push(pos),
+                    _ => c.buf.push_back((pid, vec![pos])),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next profile with matching events, in id order.
+    async fn next(&mut self) -> std::io::Result<Option<(ProfileId, Vec<u64>)>> {
+        for i in 0..self.shards.len() {
+            self.refill(i).await?;
+        }
+        let Some(i) = (0..self.shards.len())
+            .filter(|i| !self.shards[*i].buf.is_empty())
+            .min_by_key(|i| self.shards[*i].buf.front().map(|(id, _)| *id))
+        else {
+            return Ok(None);
+        };
+        Ok(self.shards[i].buf.pop_front())
+    }
+
+    /// The rows of the next few profiles' events (about [`EVENT_READ_BATCH`] events).
+    async fn next_chunk(&mut self, csv: bool) -> std::io::Result<Option<Bytes>> {
+        let mut todo: Vec<(ProfileId, u64)> = Vec::new();
+        while todo.len() < EVENT_READ_BATCH {
+            match self.next().await? {
+                Some((pid, positions)) => todo.extend(positions.into_iter().map(|p| (pid, p))),
+                None => break,
+            }
+        }
+        if todo.is_empty() {
+            return Ok(None);
+        }
+        let grid = self.grid.clone();
+        let chunk = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut out = Vec::with_capacity(todo.len() * 512);
+            for (pid, pos) in todo {
+                out.extend_from_slice(&event_row(&grid.read_event(pos)?, pid, csv));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(Some(Bytes::from(chunk)))
     }
 }
 
@@ -228,20 +357,22 @@ impl Grid {
             segment,
             format: Arc::new(format),
             shards: (0..self.shard_count())
-                .map(|_| (VecDeque::new(), None, false))
+                .map(|_| ShardCursor {
+                    buf: VecDeque::new(),
+                    pending: None,
+                    done: false,
+                })
                 .collect(),
         };
         let head = futures_util::stream::iter(header.map(Ok));
-        let rows = futures_util::stream::unfold(merge, |mut m| async move {
-            let row = m.next().await?;
-            let bytes = match row {
-                Row::Line(mut l) => {
-                    l.push('\n');
-                    Bytes::from(l)
-                }
-                Row::Cells(cells) => csv_record(&cells),
-            };
-            Some((Ok(bytes), m))
+        let rows = futures_util::stream::unfold(Some(merge), |m| async move {
+            let mut m = m?;
+            match m.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(m))),
+                Ok(None) => None,
+                // The error ends the stream: the response is cut without its last chunk.
+                Err(e) => Some((Err(e), None)),
+            }
         });
         use futures_util::StreamExt;
         head.chain(rows)
@@ -264,52 +395,26 @@ impl Grid {
                     .collect::<Vec<_>>(),
             )
         });
-        struct State {
-            grid: Arc<Grid>,
-            filter: EventFilter,
-            segment: Option<SegIdx>,
-            csv: bool,
-            shard: usize,
-            after: Option<ProfileId>,
-            pending: VecDeque<(ProfileId, u64)>,
-        }
-        let st = State {
+        let merge = EventMerge {
             grid: self.clone(),
             filter,
             segment,
-            csv,
-            shard: 0,
-            after: None,
-            pending: VecDeque::new(),
+            shards: (0..self.shard_count())
+                .map(|_| EventCursor {
+                    buf: VecDeque::new(),
+                    after: None,
+                    done: false,
+                })
+                .collect(),
         };
         let head = futures_util::stream::iter(header.map(Ok));
-        let rows = futures_util::stream::unfold(st, |mut st| async move {
-            loop {
-                if let Some((pid, pos)) = st.pending.pop_front() {
-                    let grid = st.grid.clone();
-                    let read = tokio::task::spawn_blocking(move || grid.read_event(pos))
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-                    return Some((read.map(|json| event_row(&json, pid, st.csv)), st));
-                }
-                if st.shard >= st.grid.shard_count() {
-                    return None;
-                }
-                let (tx, rx) = oneshot::channel();
-                st.grid.shard(st.shard as u16).do_send(ExportEventsSlice {
-                    after: st.after,
-                    segment: st.segment,
-                    filter: st.filter.clone(),
-                    reply: tx,
-                });
-                let (last, done, hits) = rx.await.unwrap_or((None, true, Vec::new()));
-                st.pending.extend(hits);
-                if done {
-                    st.shard += 1;
-                    st.after = None;
-                } else {
-                    st.after = last;
-                }
+        let rows = futures_util::stream::unfold(Some(merge), move |m| async move {
+            let mut m = m?;
+            match m.next_chunk(csv).await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(m))),
+                Ok(None) => None,
+                // The error ends the stream: the response is cut without its last chunk.
+                Err(e) => Some((Err(e), None)),
             }
         });
         use futures_util::StreamExt;
@@ -370,6 +475,21 @@ impl Grid {
                 });
             }
         };
+        // Batches are pipelined: the next one is resolved and sent while the shards apply
+        // and commit the ones before (a shard's mailbox keeps their order).
+        let mut in_flight: std::collections::VecDeque<PendingBatch> = Default::default();
+        let settle = |answer: &mut ImportAnswer,
+                      done: Vec<(u64, Result<(), Problem>)>|
+         -> Result<(), Problem> {
+            for (line, result) in done {
+                match result {
+                    Ok(()) => answer.imported += 1,
+                    Err(p) if p.code == ErrorCode::Unavailable => return Err(p),
+                    Err(p) => reject(answer, line, p.code, p.message),
+                }
+            }
+            Ok(())
+        };
         while let Some(batch) = rows_rx.recv().await {
             let mut good: Vec<ImportRow> = Vec::with_capacity(batch.len());
             for r in batch {
@@ -378,13 +498,14 @@ impl Grid {
                     Err(e) => reject(&mut answer, e.line, e.code, e.message),
                 }
             }
-            for (line, result) in self.import_batch(good).await {
-                match result {
-                    Ok(()) => answer.imported += 1,
-                    Err(p) if p.code == ErrorCode::Unavailable => return Err(p),
-                    Err(p) => reject(&mut answer, line, p.code, p.message),
-                }
+            in_flight.push_back(self.send_import_batch(good).await);
+            if in_flight.len() > IMPORT_IN_FLIGHT {
+                let done = in_flight.pop_front().expect("non-empty").finish().await;
+                settle(&mut answer, done)?;
             }
+        }
+        while let Some(p) = in_flight.pop_front() {
+            settle(&mut answer, p.finish().await)?;
         }
         match parser.await {
             Ok(Ok(())) => {}
@@ -409,8 +530,9 @@ impl Grid {
         Ok(answer)
     }
 
-    /// Resolves and applies one batch of rows; answers (line, result) per row.
-    async fn import_batch(&self, rows: Vec<ImportRow>) -> Vec<(u64, Result<(), Problem>)> {
+    /// Resolves one batch of rows (merging where they join profiles) and sends each shard
+    /// its part; the answer waits for what the shards report.
+    async fn send_import_batch(&self, rows: Vec<ImportRow>) -> PendingBatch {
         let now = self.clock.now_ms();
         let mut out = Vec::with_capacity(rows.len());
         let mut by_shard: Vec<Vec<ImportItem>> =
@@ -462,9 +584,31 @@ impl Grid {
             self.shard(s as u16).do_send(ImportRows { rows, reply: tx });
             waits.push(rx);
         }
-        for rx in waits {
+        PendingBatch { out, lines, waits }
+    }
+}
+
+/// Import batches sent to the shards and not yet answered, at most (bounds the memory an
+/// import holds while keeping the shards busy).
+const IMPORT_IN_FLIGHT: usize = 4;
+
+/// A batch of import rows sent to the shards.
+struct PendingBatch {
+    /// Rows answered before reaching a shard.
+    out: Vec<(u64, Result<(), Problem>)>,
+    /// Line of each row of the batch, by index.
+    lines: Vec<u64>,
+    /// One answer per shard that got rows.
+    waits: Vec<oneshot::Receiver<crate::grid::shard::export::RowResults>>,
+}
+
+impl PendingBatch {
+    /// Waits for the shards (each answers once its rows are durable): (line, result) per row.
+    async fn finish(self) -> Vec<(u64, Result<(), Problem>)> {
+        let mut out = self.out;
+        for rx in self.waits {
             match rx.await {
-                Ok(results) => out.extend(results.into_iter().map(|(i, r)| (lines[i], r))),
+                Ok(results) => out.extend(results.into_iter().map(|(i, r)| (self.lines[i], r))),
                 Err(_) => return vec![(0, Err(super::gone()))],
             }
         }

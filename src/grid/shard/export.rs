@@ -39,17 +39,49 @@ impl Handler<ExportSlice> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: ExportSlice, _: &mut Self::Context) {
+        // One CSV writer for the slice; each record is taken out of its sink as written.
+        let sink = RecordSink::default();
+        let csv = std::cell::RefCell::new(
+            csv::WriterBuilder::new()
+                .terminator(csv::Terminator::CRLF)
+                .from_writer(sink.clone()),
+        );
+        let line = |mut text: String| -> Row {
+            text.push('\n');
+            text.into_bytes()
+        };
         let rows = self.export_rows(
             msg.after,
             msg.segment,
             EXPORT_SLICE,
             |p, render| match &*msg.format {
-                ProfileFormat::Jsonl(None) => Row::Line(render(p)),
-                ProfileFormat::Jsonl(Some(fields)) => Row::Line(jsonl_fields(p, fields)),
-                ProfileFormat::Csv(cols) => Row::Cells(csv_cells(p, cols)),
+                ProfileFormat::Jsonl(None) => line(render(p)),
+                ProfileFormat::Jsonl(Some(fields)) => line(jsonl_fields(p, fields)),
+                ProfileFormat::Csv(cols) => {
+                    let mut w = csv.borrow_mut();
+                    // Writing to a Vec cannot fail.
+                    let _ = w.write_record(csv_cells(p, cols));
+                    let _ = w.flush();
+                    std::mem::take(&mut *sink.0.borrow_mut())
+                }
             },
         );
         let _ = msg.reply.send(rows);
+    }
+}
+
+/// Where a slice's CSV writer puts each record, to be taken out row by row.
+#[derive(Default, Clone)]
+struct RecordSink(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl std::io::Write for RecordSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -77,6 +109,9 @@ impl Handler<ExportEventsSlice> for Shard {
     }
 }
 
+/// Per import row (by its index in the batch): applied, or why not.
+pub type RowResults = Vec<(usize, Result<(), Problem>)>;
+
 /// Rows to upsert on one shard (already resolved to its profiles).
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
@@ -84,7 +119,7 @@ pub struct ImportRows {
     /// (index in the batch, resolution, traits).
     pub rows: Vec<crate::grid::export::ImportItem>,
     /// Per row: applied or why not; answered once durable.
-    pub reply: oneshot::Sender<Vec<(usize, Result<(), Problem>)>>,
+    pub reply: oneshot::Sender<RowResults>,
 }
 
 impl Handler<ImportRows> for Shard {
