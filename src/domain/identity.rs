@@ -39,7 +39,7 @@ impl IdType {
     }
 
     /// The type's name.
-    pub fn name(self) -> std::sync::Arc<str> {
+    pub fn name(self) -> &'static str {
         type_names().name(self.0)
     }
 
@@ -57,7 +57,7 @@ impl IdType {
 
 impl fmt::Debug for IdType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name())
+        f.write_str(self.name())
     }
 }
 
@@ -88,7 +88,7 @@ impl Identity {
     pub fn hash(&self) -> u128 {
         match self.ty.builtin_name() {
             Some(name) => identity_hash(name, &self.value),
-            None => identity_hash(&self.ty.name(), &self.value),
+            None => identity_hash(self.ty.name(), &self.value),
         }
     }
 }
@@ -243,14 +243,14 @@ impl IdentityRules {
         }
         let name = ty.name();
         self.blocked
-            .get(&*name)
+            .get(name)
             .is_some_and(|list| list.contains(&lower))
     }
 
     /// The limit for a type; None means unlimited.
     pub fn limit(&self, ty: IdType) -> Option<IdentityLimit> {
         let name = ty.name();
-        if let Some(l) = self.limits.get(&*name) {
+        if let Some(l) = self.limits.get(name) {
             return Some(*l);
         }
         match ty {
@@ -282,7 +282,7 @@ impl IdentityRules {
 
     /// Sort key: listed types by position; unlisted custom types alphabetically just before
     /// `anonymous_id` (or last when `anonymous_id` is not listed).
-    fn rank(&self, ty: IdType) -> (usize, u8, std::sync::Arc<str>) {
+    fn rank(&self, ty: IdType) -> (usize, u8, &'static str) {
         let name = ty.name();
         if let Some(pos) = self.priority.iter().position(|p| **p == *name) {
             // Listed types rank after unlisted custom types placed at the same position.

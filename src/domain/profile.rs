@@ -367,11 +367,11 @@ impl Profile {
                     let old = slot.value.take();
                     if let Some(o) = &old {
                         self.live_keys -= 1;
-                        self.trait_bytes -= slot_bytes(&name, o) as u32;
+                        self.trait_bytes -= slot_bytes(name, o) as u32;
                     }
                     if let Some(n) = &p.value {
                         self.live_keys += 1;
-                        self.trait_bytes += slot_bytes(&name, n) as u32;
+                        self.trait_bytes += slot_bytes(name, n) as u32;
                     }
                     slot.value = p.value.clone();
                     slot.time = p.time;
@@ -386,7 +386,7 @@ impl Profile {
                 Err(i) => {
                     if let Some(n) = &p.value {
                         self.live_keys += 1;
-                        self.trait_bytes += slot_bytes(&name, n) as u32;
+                        self.trait_bytes += slot_bytes(name, n) as u32;
                     }
                     self.traits.insert(
                         i,
@@ -475,7 +475,7 @@ impl Profile {
         for t in &traits {
             if let Some(v) = &t.value {
                 self.live_keys += 1;
-                self.trait_bytes += slot_bytes(&trait_keys().name(t.key), v) as u32;
+                self.trait_bytes += slot_bytes(trait_keys().name(t.key), v) as u32;
             }
         }
         self.traits = traits;
@@ -567,16 +567,16 @@ pub struct TraitsView<'a>(&'a Profile);
 
 impl Serialize for TraitsView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut live: Vec<(std::sync::Arc<str>, &Value)> = self
+        let mut live: Vec<(&str, &Value)> = self
             .0
             .traits
             .iter()
             .filter_map(|t| t.value.as_ref().map(|v| (trait_keys().name(t.key), v)))
             .collect();
-        live.sort_by(|a, b| a.0.cmp(&b.0));
+        live.sort_by(|a, b| a.0.cmp(b.0));
         let mut map = s.serialize_map(Some(live.len()))?;
         for (k, v) in live {
-            map.serialize_entry(&*k, v)?;
+            map.serialize_entry(k, v)?;
         }
         map.end()
     }
@@ -598,7 +598,7 @@ impl Serialize for ProfileView<'_> {
             first_seen: String,
         }
         let p = self.profile;
-        let idents: Vec<(std::sync::Arc<str>, &HeldIdentity)> = p
+        let idents: Vec<(&str, &HeldIdentity)> = p
             .identities
             .iter()
             .map(|h| (h.identity.ty.name(), h))

@@ -4,7 +4,7 @@
 //! level) keyed by [`Sym`]s from one process-wide [`Interner`], so a million profiles with
 //! the same twenty trait names hold those names once.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use bincode::{Decode, Encode};
 use dashmap::DashMap;
@@ -143,19 +143,32 @@ impl Serialize for Value {
 pub type Sym = u32;
 
 /// A process-wide table of names; never persisted (symbols differ between runs).
+/// Names live for the process (they are leaked once each), so [`Interner::name`] hands
+/// out `&'static str` from a per-thread copy of the table: the shards look names up for
+/// every trait change, and a shared lock there made the shard threads contend.
 pub struct Interner {
     /// name → symbol, for interning without a global lock.
-    by_name: DashMap<Arc<str>, Sym>,
+    by_name: DashMap<&'static str, Sym>,
     /// symbol → name; appended under a write lock only when a new name appears.
-    names: RwLock<Vec<Arc<str>>>,
+    names: RwLock<Vec<&'static str>>,
+    /// This interner's slot in every thread's cache.
+    slot: usize,
+}
+
+thread_local! {
+    /// Per thread, per interner (by slot): the names seen so far, by symbol.
+    static NAME_CACHE: std::cell::RefCell<Vec<Vec<&'static str>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Interner {
     /// An empty table.
     pub fn new() -> Interner {
+        static NEXT_SLOT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         Interner {
             by_name: DashMap::new(),
             names: RwLock::new(Vec::new()),
+            slot: NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -169,10 +182,10 @@ impl Interner {
         if let Some(s) = self.by_name.get(name) {
             return *s;
         }
-        let arc: Arc<str> = Arc::from(name);
+        let leaked: &'static str = Box::leak(name.into());
         let sym = names.len() as Sym;
-        names.push(arc.clone());
-        self.by_name.insert(arc, sym);
+        names.push(leaked);
+        self.by_name.insert(leaked, sym);
         sym
     }
 
@@ -181,9 +194,22 @@ impl Interner {
         self.by_name.get(name).map(|s| *s)
     }
 
-    /// The name of a symbol made by this interner.
-    pub fn name(&self, sym: Sym) -> Arc<str> {
-        self.names.read()[sym as usize].clone()
+    /// The name of a symbol made by this interner (no lock once this thread has seen it).
+    pub fn name(&self, sym: Sym) -> &'static str {
+        NAME_CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.len() <= self.slot {
+                cache.resize_with(self.slot + 1, Vec::new);
+            }
+            let local = &mut cache[self.slot];
+            if let Some(n) = local.get(sym as usize) {
+                return *n;
+            }
+            let names = self.names.read();
+            let seen = local.len();
+            local.extend_from_slice(&names[seen..]);
+            local[sym as usize]
+        })
     }
 }
 
@@ -265,7 +291,7 @@ mod tests {
         let a = i.intern("plan");
         assert_eq!(i.intern("plan"), a);
         assert_ne!(i.intern("email"), a);
-        assert_eq!(&*i.name(a), "plan");
+        assert_eq!(i.name(a), "plan");
         assert_eq!(i.lookup("nope"), None);
     }
 }

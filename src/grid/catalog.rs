@@ -27,6 +27,13 @@ pub fn escape_key(key: &str) -> String {
 impl Catalog {
     /// Records the leaf paths of `value` under the top-level `key`.
     pub fn add(&self, key: &str, value: &Value) {
+        // The common case, a known top-level leaf: no allocation.
+        if !matches!(value, Value::Object(m) if !m.is_empty())
+            && !key.contains(['.', '\\'])
+            && self.paths.contains(key)
+        {
+            return;
+        }
         let mut stack: Vec<(String, &Value)> = vec![(escape_key(key), value)];
         while let Some((path, v)) = stack.pop() {
             match v {

@@ -456,7 +456,7 @@ impl Grid {
     ) -> Result<(), Problem> {
         let identities: Vec<serde_json::Value> = cause_identities
             .iter()
-            .map(|i| serde_json::json!({"type": &*i.ty.name(), "value": &*i.value}))
+            .map(|i| serde_json::json!({"type": i.ty.name(), "value": &*i.value}))
             .collect();
         for absorbed in merged {
             let (tx, rx) = oneshot::channel();

@@ -70,7 +70,7 @@ fn refusal_note(
     } else if !r.dropped_ids.is_empty() {
         r.dropped_ids
             .iter()
-            .map(|i| ident(&i.ty.name(), &i.value))
+            .map(|i| ident(i.ty.name(), &i.value))
             .collect()
     } else {
         return None;

@@ -186,7 +186,7 @@ impl Shard {
                 }
                 for t in &p.traits {
                     if let Some(v) = &t.value {
-                        ctx.catalog.add(&trait_keys().name(t.key), v);
+                        ctx.catalog.add(trait_keys().name(t.key), v);
                     }
                 }
                 profiles.insert(p.id, p);
@@ -668,26 +668,57 @@ fn record_changes(
         return Ok(());
     }
     touched.traits.extend(changes.iter().map(|c| c.key));
-    let mut map = serde_json::Map::new();
-    for c in changes {
-        let key = trait_keys().name(c.key);
+    // `{"changes": {KEY: {"from": V, "to": V}, ...}}`, keys sorted, written directly (this
+    // runs for every trait change: no intermediate JSON tree).
+    let mut named: Vec<(&str, &TraitChange)> = changes
+        .iter()
+        .map(|c| (trait_keys().name(c.key), c))
+        .collect();
+    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut props = String::with_capacity(16 + changes.len() * 48);
+    props.push_str("{\"changes\":{");
+    for (i, (key, c)) in named.iter().enumerate() {
         if let Some(v) = &c.to {
-            catalog.add(&key, v);
+            catalog.add(key, v);
         }
-        let j = |v: &Option<crate::domain::value::Value>| {
-            v.as_ref()
-                .map(|v| v.to_json())
-                .unwrap_or(serde_json::Value::Null)
-        };
-        map.insert(
-            key.to_string(),
-            serde_json::json!({"from": j(&c.from), "to": j(&c.to)}),
-        );
+        if i > 0 {
+            props.push(',');
+        }
+        crate::domain::event::push_json_str(&mut props, key);
+        props.push_str(":{\"from\":");
+        push_json_value(&mut props, c.from.as_ref());
+        props.push_str(",\"to\":");
+        push_json_value(&mut props, c.to.as_ref());
+        props.push('}');
     }
-    let props = serde_json::json!({ "changes": map });
+    props.push_str("}}");
     let seq = next_seq.fetch_add(1, Ordering::AcqRel);
-    segments::count_system(specs, profile, "user.updated", Some(&props), now, touched);
-    append_system(log, profile, seq, "user.updated", Some(props), now)
+    // Parsed back only when a counter reads `user.updated` properties.
+    let parsed = segments::counts_with_properties(specs, "user.updated")
+        .then(|| serde_json::from_str::<serde_json::Value>(&props).ok())
+        .flatten();
+    segments::count_system(
+        specs,
+        profile,
+        "user.updated",
+        parsed.as_ref(),
+        now,
+        touched,
+    );
+    let record = system_record_json(profile.id, seq, "user.updated", &props, now);
+    let mut entry = event_ref(&record, 0);
+    entry.pos = log.append(&LogRecord::Event(record)).map_err(io_problem)?;
+    profile.add_event(entry);
+    Ok(())
+}
+
+/// Appends a trait value as JSON (`null` for none).
+fn push_json_value(out: &mut String, v: Option<&crate::domain::value::Value>) {
+    match v {
+        None => out.push_str("null"),
+        // A trait value always serialises.
+        Some(v) => out.push_str(&serde_json::to_string(v).unwrap_or_else(|_| "null".into())),
+    }
 }
 
 fn trim(profile: &mut Profile, settings: &Settings, now: i64) {
@@ -773,7 +804,7 @@ fn replay(
             {
                 for c in profile.commit_traits(plan, e.received_ms) {
                     if let Some(v) = &c.to {
-                        ctx.catalog.add(&trait_keys().name(c.key), v);
+                        ctx.catalog.add(trait_keys().name(c.key), v);
                     }
                 }
             }
@@ -783,7 +814,7 @@ fn replay(
             {
                 for c in apply_mappings(mappings, profile, view, e.ts_ms, limits, e.received_ms) {
                     if let Some(v) = &c.to {
-                        ctx.catalog.add(&trait_keys().name(c.key), v);
+                        ctx.catalog.add(trait_keys().name(c.key), v);
                     }
                 }
             }
@@ -831,7 +862,7 @@ fn replay(
             {
                 for c in profile.commit_traits(plan, p.now_ms) {
                     if let Some(v) = &c.to {
-                        ctx.catalog.add(&trait_keys().name(c.key), v);
+                        ctx.catalog.add(trait_keys().name(c.key), v);
                     }
                 }
             }

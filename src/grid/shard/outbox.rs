@@ -54,7 +54,7 @@ pub fn profile_payload(p: &Profile, shown: Shown) -> String {
             .iter()
             .map(|h| {
                 serde_json::json!({
-                    "type": &*h.identity.ty.name(),
+                    "type": h.identity.ty.name(),
                     "value": &*h.identity.value,
                     "first_seen": crate::segment::timefmt::format_ms(h.first_seen),
                 })

@@ -745,7 +745,7 @@ pub fn member_json(p: &Profile, since: i64) -> String {
         .iter()
         .map(|h| {
             serde_json::json!({
-                "type": &*h.identity.ty.name(),
+                "type": h.identity.ty.name(),
                 "value": &*h.identity.value,
                 "first_seen": crate::segment::timefmt::format_ms(h.first_seen),
             })
