@@ -22,13 +22,17 @@ start() {
   for _ in $(seq 100); do curl -sf "$url/readyz" >/dev/null && break; sleep 0.1; done
 }
 stop() { kill -TERM "$pid"; wait "$pid" || true; rm -rf "$d"; }
+rss() { curl -sf "$url/metrics" | sed -n 's/^user360_process_rss_bytes \([0-9.e+]*\)$/\1/p'; }
+per_profile() { python3 -c "import sys; a, b, n = map(float, sys.argv[1:]); print(f'{(b - a) / n:,.0f} B/profile resident')" "$1" "$2" "$N"; }
 rate() { python3 -c "import sys; n, s = float(sys.argv[1]), float(sys.argv[2]); print(f'{n / s:,.0f}/s ({s:.2f} s)')" "$1" "$2"; }
 
 echo "== 1. seed $N profiles through /v1/batch (baseline)"
 start
+rss0=$(rss)
 seed=$($LG --url "$url" --write-key "$wk" --seed-profiles "$N" --batch 1000 --connections 4 | grep '^seeded')
 echo "$seed"
 seed_rate=$(echo "$seed" | sed -n 's/.* \([0-9.]*\) events\/s.*/\1/p')
+echo "after seeding: $(per_profile "$rss0" "$(rss)")"
 
 echo "== 2. export"
 for fmt in csv jsonl; do
@@ -58,10 +62,11 @@ stop
 echo "== 3. import into a fresh server"
 for fmt in csv jsonl; do
   start
+  rss0=$(rss)
   t=$(curl -sf -o "$WORK/answer.json" -w '%{time_total}' -H "Authorization: Bearer $at" \
         -H 'content-type: text/plain' --data-binary "@$WORK/export.$fmt" "$url/v1/import/profiles?format=$fmt")
   imported=$(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v["imported"])' "$WORK/answer.json")
   [ "$imported" = "$N" ] || { echo "import $fmt: $(cat "$WORK/answer.json")" >&2; exit 1; }
-  echo "import $fmt: $(rate "$imported" "$t"), $(python3 -c "print(f'{($N / $t) / $seed_rate:.2f}')")x the seeding rate"
+  echo "import $fmt: $(rate "$imported" "$t"), $(python3 -c "print(f'{($N / $t) / $seed_rate:.2f}')")x the seeding rate; $(per_profile "$rss0" "$(rss)")"
   stop
 done

@@ -16,7 +16,7 @@
 //! - [`export`]: export and import formats (CSV, JSONL, formula guard, import row rules).
 //! - [`api`]: axum routes; parse, authenticate, translate errors; nothing else.
 //! - [`server`]: start (keys, shard count, bind, recover) and graceful shutdown.
-//! - [`cli`]: the other commands (`snapshot create|restore|inspect`).
+//! - [`cli`]: the other commands (`export`, `import`, `snapshot create|restore|inspect`).
 //!
 //! # Data flow
 //! HTTP → `api::ingest` (auth, bounded body) → `ingest::Ingestor` (decode, parse,

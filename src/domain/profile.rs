@@ -151,7 +151,8 @@ impl Profile {
             traits: Vec::new(),
             live_keys: 0,
             trait_bytes: 2,
-            events: Vec::new(),
+            // `user.created` and the event or update that made it: nearly every profile.
+            events: Vec::with_capacity(2),
             merged_from: Vec::new(),
             merge_notes: None,
             memberships: Vec::new(),
@@ -358,7 +359,13 @@ impl Profile {
 
     /// Applies a plan made by [`Profile::plan_traits`]; returns the changes for `user.updated`.
     pub fn commit_traits(&mut self, plan: Vec<PlannedTrait>, now: i64) -> Vec<TraitChange> {
-        let mut changes = Vec::new();
+        let mut changes = Vec::with_capacity(plan.len());
+        // Room for the new keys at once (a new profile gets all its traits in one plan).
+        let new_keys = plan
+            .iter()
+            .filter(|p| self.traits.binary_search_by_key(&p.key, |s| s.key).is_err())
+            .count();
+        self.traits.reserve_exact(new_keys);
         for p in plan {
             let name = trait_keys().name(p.key);
             match self.traits.binary_search_by_key(&p.key, |s| s.key) {

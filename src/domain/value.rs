@@ -155,10 +155,31 @@ pub struct Interner {
     slot: usize,
 }
 
+/// One thread's copy of what one interner holds (names never change once made, so a
+/// copy never goes stale; it only lags, and a miss falls back to the shared table).
+#[derive(Default)]
+struct LocalNames {
+    /// Names by symbol, a prefix of the shared list.
+    by_sym: Vec<&'static str>,
+    /// Symbols by name, for the names this thread has interned.
+    by_name: std::collections::HashMap<&'static str, Sym, foldhash::fast::RandomState>,
+}
+
 thread_local! {
-    /// Per thread, per interner (by slot): the names seen so far, by symbol.
-    static NAME_CACHE: std::cell::RefCell<Vec<Vec<&'static str>>> =
+    /// Per thread, per interner (by slot).
+    static NAME_CACHE: std::cell::RefCell<Vec<LocalNames>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's copy of the interner in `slot`.
+fn with_local<T>(slot: usize, f: impl FnOnce(&mut LocalNames) -> T) -> T {
+    NAME_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.len() <= slot {
+            cache.resize_with(slot + 1, LocalNames::default);
+        }
+        f(&mut cache[slot])
+    })
 }
 
 impl Interner {
@@ -172,8 +193,20 @@ impl Interner {
         }
     }
 
-    /// The symbol of `name`, creating it on first use.
+    /// The symbol of `name`, creating it on first use (no shared lock once this thread
+    /// has seen it: every trait of every message is interned).
     pub fn intern(&self, name: &str) -> Sym {
+        if let Some(s) = with_local(self.slot, |l| l.by_name.get(name).copied()) {
+            return s;
+        }
+        let sym = self.intern_shared(name);
+        let leaked = self.name(sym);
+        with_local(self.slot, |l| l.by_name.insert(leaked, sym));
+        sym
+    }
+
+    /// [`Interner::intern`] through the shared table.
+    fn intern_shared(&self, name: &str) -> Sym {
         if let Some(s) = self.by_name.get(name) {
             return *s;
         }
@@ -191,24 +224,22 @@ impl Interner {
 
     /// The symbol of `name` if it was ever interned.
     pub fn lookup(&self, name: &str) -> Option<Sym> {
+        if let Some(s) = with_local(self.slot, |l| l.by_name.get(name).copied()) {
+            return Some(s);
+        }
         self.by_name.get(name).map(|s| *s)
     }
 
     /// The name of a symbol made by this interner (no lock once this thread has seen it).
     pub fn name(&self, sym: Sym) -> &'static str {
-        NAME_CACHE.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if cache.len() <= self.slot {
-                cache.resize_with(self.slot + 1, Vec::new);
-            }
-            let local = &mut cache[self.slot];
-            if let Some(n) = local.get(sym as usize) {
+        with_local(self.slot, |local| {
+            if let Some(n) = local.by_sym.get(sym as usize) {
                 return *n;
             }
             let names = self.names.read();
-            let seen = local.len();
-            local.extend_from_slice(&names[seen..]);
-            local[sym as usize]
+            let seen = local.by_sym.len();
+            local.by_sym.extend_from_slice(&names[seen..]);
+            local.by_sym[sym as usize]
         })
     }
 }

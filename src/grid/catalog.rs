@@ -1,15 +1,38 @@
 //! The trait-path catalog: every leaf trait path seen, for CSV export headers and rule
 //! editors. Paths are written with `.` between nested keys and `\.` for a dot inside a key.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use dashmap::DashSet;
 
 use crate::domain::value::Value;
 
 /// The set of leaf trait paths seen since start (recovery replays them back in).
-#[derive(Default)]
 pub struct Catalog {
     /// Escaped leaf paths.
     paths: DashSet<String>,
+    /// This catalog's slot in every thread's [`KNOWN_LEAVES`].
+    slot: usize,
+}
+
+impl Default for Catalog {
+    fn default() -> Catalog {
+        static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+        Catalog {
+            paths: DashSet::new(),
+            slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+thread_local! {
+    /// Per thread, per catalog (by slot): top-level leaf keys already in `paths`, so the
+    /// shards, which note the paths of every trait change, skip the shared set (paths are
+    /// never removed, so an entry never goes stale).
+    static KNOWN_LEAVES: RefCell<Vec<HashSet<&'static str, foldhash::fast::RandomState>>> =
+        const { RefCell::new(Vec::new()) };
 }
 
 /// Escapes one key for a path: `\` → `\\`, `.` → `\.`.
@@ -25,14 +48,29 @@ pub fn escape_key(key: &str) -> String {
 }
 
 impl Catalog {
-    /// Records the leaf paths of `value` under the top-level `key`.
-    pub fn add(&self, key: &str, value: &Value) {
-        // The common case, a known top-level leaf: no allocation.
-        if !matches!(value, Value::Object(m) if !m.is_empty())
-            && !key.contains(['.', '\\'])
-            && self.paths.contains(key)
-        {
-            return;
+    /// Records the leaf paths of `value` under the top-level `key` (an interned trait
+    /// name, hence `'static`).
+    pub fn add(&self, key: &'static str, value: &Value) {
+        // The common case, a known top-level leaf: no allocation, no shared lock.
+        let leaf =
+            !matches!(value, Value::Object(m) if !m.is_empty()) && !key.contains(['.', '\\']);
+        if leaf {
+            let known = |l: &mut Vec<HashSet<&'static str, _>>| {
+                if l.len() <= self.slot {
+                    l.resize_with(self.slot + 1, HashSet::default);
+                }
+                if l[self.slot].contains(key) {
+                    return true;
+                }
+                if self.paths.contains(key) {
+                    l[self.slot].insert(key);
+                    return true;
+                }
+                false
+            };
+            if KNOWN_LEAVES.with(|l| known(&mut l.borrow_mut())) {
+                return;
+            }
         }
         let mut stack: Vec<(String, &Value)> = vec![(escape_key(key), value)];
         while let Some((path, v)) = stack.pop() {

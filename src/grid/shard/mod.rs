@@ -77,7 +77,7 @@ pub struct Shard {
     /// Shared context.
     ctx: Arc<ShardContext>,
     /// Profiles hosted here, by id.
-    profiles: BTreeMap<ProfileId, Profile>,
+    profiles: BTreeMap<ProfileId, Box<Profile>>,
     /// Standard events that belong to no live profile (`user.deleted`), with their profile.
     system_log: Vec<(ProfileId, EventRef)>,
     /// This shard's log.
@@ -189,7 +189,7 @@ impl Shard {
                         ctx.catalog.add(trait_keys().name(t.key), v);
                     }
                 }
-                profiles.insert(p.id, p);
+                profiles.insert(p.id, Box::new(p));
             }
             system_log.extend(sys);
             covers.push((info.through, info.covers));
@@ -351,7 +351,7 @@ impl Shard {
         let profile = self
             .profiles
             .entry(pid)
-            .or_insert_with(|| Profile::new(pid, now));
+            .or_insert_with(|| Box::new(Profile::new(pid, now)));
         if !exists {
             let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             append_system(&mut self.log, profile, seq, "user.created", None, now)?;
@@ -623,7 +623,8 @@ fn system_record_json(
     now: i64,
 ) -> EventRecord {
     use std::fmt::Write as _;
-    let mut json = String::with_capacity(280 + name.len() + properties_json.len());
+    // The fixed part below is ~330 bytes: room for all of it, so the string never grows.
+    let mut json = String::with_capacity(384 + name.len() + properties_json.len());
     json.push_str("{\"message_id\":\"sys-");
     let mut id = [0u8; ulid::ULID_LEN];
     for c in ulid::Ulid::new().array_to_str(&mut id).chars() {
@@ -764,7 +765,7 @@ fn apply_mappings(
 /// position); membership changes come from their own records, never from re-evaluating.
 fn replay(
     ctx: &ShardContext,
-    profiles: &mut BTreeMap<ProfileId, Profile>,
+    profiles: &mut BTreeMap<ProfileId, Box<Profile>>,
     system_log: &mut Vec<(ProfileId, EventRef)>,
     (specs, mappings): (&SpecSet, &crate::segment::mapping::MappingSet),
     limits: TraitLimits,
@@ -784,7 +785,7 @@ fn replay(
             }
             let profile = profiles.entry(pid).or_insert_with(|| {
                 ctx.registry.restore_profile(pid);
-                Profile::new(pid, e.received_ms)
+                Box::new(Profile::new(pid, e.received_ms))
             });
             restore_links(ctx, profile, &e.linked);
             if let Some(n) = &e.note {
@@ -853,7 +854,7 @@ fn replay(
             let pid = ProfileId(p.profile);
             let profile = profiles.entry(pid).or_insert_with(|| {
                 ctx.registry.restore_profile(pid);
-                Profile::new(pid, p.now_ms)
+                Box::new(Profile::new(pid, p.now_ms))
             });
             restore_links(ctx, profile, &p.linked);
             if let Ok(traits) =
@@ -884,7 +885,7 @@ fn replay(
                 ctx.registry.restore_merge(sid, other.id, &ids);
                 let survivor = profiles.entry(sid).or_insert_with(|| {
                     ctx.registry.restore_profile(sid);
-                    Profile::new(sid, a.now_ms)
+                    Box::new(Profile::new(sid, a.now_ms))
                 });
                 survivor.absorb(other, a.now_ms, &|id| specs.get(id).cloned());
             }
@@ -1287,7 +1288,7 @@ impl Shard {
         let profile = self
             .profiles
             .entry(pid)
-            .or_insert_with(|| Profile::new(pid, now));
+            .or_insert_with(|| Box::new(Profile::new(pid, now)));
         if !exists {
             let s = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
             append_system(&mut self.log, profile, s, "user.created", None, now)?;
@@ -1657,7 +1658,7 @@ impl Handler<EncodeChunk> for Shard {
             .profiles
             .range((start, Bound::Unbounded))
             .take(msg.max)
-            .map(|(_, p)| p)
+            .map(|(_, p)| &**p)
             .collect();
         let done = slice.len() < msg.max;
         let last = slice.last().map(|p| p.id);
@@ -1759,7 +1760,7 @@ impl Handler<TakeProfile> for Shard {
             self.leaving.insert(p.id, p.memberships.clone());
             self.unschedule(p.id);
         }
-        let _ = msg.reply.send(Ok(taken));
+        let _ = msg.reply.send(Ok(taken.map(|p| *p)));
     }
 }
 
@@ -1777,7 +1778,7 @@ impl Handler<ReturnProfile> for Shard {
     fn handle(&mut self, msg: ReturnProfile, _: &mut Self::Context) {
         let id = msg.profile.id;
         self.leaving.remove(&id);
-        self.profiles.insert(id, msg.profile);
+        self.profiles.insert(id, Box::new(msg.profile));
         let now = self.ctx.clock.now_ms();
         self.reschedule(id, now);
     }
@@ -1934,7 +1935,7 @@ impl Handler<AbsorbProfile> for Shard {
         let survivor = self
             .profiles
             .entry(sid)
-            .or_insert_with(|| Profile::new(sid, now));
+            .or_insert_with(|| Box::new(Profile::new(sid, now)));
         let mut result = Ok(());
         if !exists {
             // Its creating message is still on the way (it finds the profile here).

@@ -191,7 +191,7 @@ impl Shard {
                             .iter()
                             .any(|k| touched.traits.contains(k))
                 })
-                .filter_map(|r| r.compiled.root.next_change(&*profile, now))
+                .filter_map(|r| r.compiled.root.next_change(&**profile, now))
                 .min();
             if let Some(d) = due
                 && self.due_of.get(&pid).is_none_or(|old| d < *old)
