@@ -212,6 +212,9 @@ pub fn recount(spec: &CounterSpec, profile: &Profile, reader: &LogReader, now: i
         }
         let admitted = if needs_body {
             let props = match reader.read(e.pos) {
+                Ok(crate::store::log::LogRecord::System(r)) => {
+                    serde_json::from_str::<serde_json::Value>(&r.properties_json).ok()
+                }
                 Ok(rec) => rec.event().and_then(|ev| {
                     serde_json::from_str::<serde_json::Value>(&ev.json)
                         .ok()

@@ -652,6 +652,7 @@ impl Grid {
         match self.reader.read(pos)? {
             LogRecord::Event(e) => Ok(e.json),
             LogRecord::Membership(m) => Ok(membership::render_membership(&m)),
+            LogRecord::System(r) => Ok(shard::expand_system(&r).json),
             other => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(

@@ -351,6 +351,7 @@ async fn scrub_erased(grid: &Arc<Grid>, cut: &[u64]) {
                             && e.name == "user.deleted")
                 }
                 LogRecord::Membership(_)
+                | LogRecord::System(_)
                 | LogRecord::Patch(_)
                 | LogRecord::Counter(_)
                 | LogRecord::Absorbed(_) => erased.contains(&rec.profile()),

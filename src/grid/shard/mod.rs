@@ -38,7 +38,7 @@ use crate::segment::set::{RuleSet, SpecSet};
 use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
     DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, OutboxEntry, PatchRecord,
-    Position, ShardLog,
+    Position, ShardLog, SystemRecord,
 };
 use crate::store::snapshot::{ChunkInfo, ShardChunk};
 
@@ -586,7 +586,7 @@ pub fn render_message(m: &Message, seq: u64) -> String {
     serde_json::to_string(&out).expect("events serialise")
 }
 
-/// Appends a standard event (`user.*`) to a profile's timeline.
+/// Appends a standard event (`user.*`) to a profile's timeline, stored compact.
 fn append_system(
     log: &mut ShardLog,
     profile: &mut Profile,
@@ -595,13 +595,47 @@ fn append_system(
     properties: Option<serde_json::Value>,
     now: i64,
 ) -> Result<(), Problem> {
-    let record = system_record(profile.id, seq, name, properties, now);
-    let mut entry = event_ref(&record, 0);
-    entry.pos = log.append(&LogRecord::Event(record)).map_err(io_problem)?;
-    profile.add_event(entry);
+    let props = properties.map(|p| p.to_string());
+    append_system_json(
+        log,
+        profile,
+        seq,
+        name,
+        props.unwrap_or_else(|| "{}".into()),
+        now,
+    )
+}
+
+/// [`append_system`] with the properties already rendered as JSON.
+fn append_system_json(
+    log: &mut ShardLog,
+    profile: &mut Profile,
+    seq: u64,
+    name: &str,
+    properties_json: String,
+    now: i64,
+) -> Result<(), Problem> {
+    let record = SystemRecord {
+        seq,
+        profile: profile.id.0,
+        at_ms: now,
+        name: name.to_owned(),
+        properties_json,
+    };
+    let pos = log.append(&LogRecord::System(record)).map_err(io_problem)?;
+    profile.add_event(EventRef::new(
+        now,
+        seq,
+        pos,
+        (now / 1000).clamp(0, u32::MAX as i64) as u32,
+        event_names().intern(name),
+        EventKind::System,
+    ));
     Ok(())
 }
 
+/// A standard event with its `properties` given as JSON, in full (stored that way for
+/// `user.deleted`, which outlives its profile's other records).
 fn system_record(
     profile: ProfileId,
     seq: u64,
@@ -610,43 +644,43 @@ fn system_record(
     now: i64,
 ) -> EventRecord {
     let props = properties.map(|p| p.to_string());
-    system_record_json(profile, seq, name, props.as_deref().unwrap_or("{}"), now)
+    expand_system(&SystemRecord {
+        seq,
+        profile: profile.0,
+        at_ms: now,
+        name: name.to_owned(),
+        properties_json: props.unwrap_or_else(|| "{}".into()),
+    })
 }
 
-/// A standard event with its `properties` already rendered as JSON. Written by hand (in
-/// the field order of [`EventOut`]) because membership changes make many of them.
-fn system_record_json(
-    profile: ProfileId,
-    seq: u64,
-    name: &str,
-    properties_json: &str,
-    now: i64,
-) -> EventRecord {
+/// The full stored event of a compact standard event: its API object rendered (by hand,
+/// in the field order of [`EventOut`]; the message id is `sys-` and the sequence in hex,
+/// as for membership events, so it reads the same every time).
+pub(crate) fn expand_system(r: &SystemRecord) -> EventRecord {
     use std::fmt::Write as _;
-    // The fixed part below is ~330 bytes: room for all of it, so the string never grows.
-    let mut json = String::with_capacity(384 + name.len() + properties_json.len());
-    json.push_str("{\"message_id\":\"sys-");
-    let mut id = [0u8; ulid::ULID_LEN];
-    for c in ulid::Ulid::new().array_to_str(&mut id).chars() {
-        json.push(c.to_ascii_lowercase());
-    }
-    let _ = write!(json, "\",\"seq\":{seq},\"type\":\"system\",\"event\":");
-    crate::domain::event::push_json_str(&mut json, name);
+    // The fixed part below is ~320 bytes: room for all of it, so the string never grows.
+    let mut json = String::with_capacity(384 + r.name.len() + r.properties_json.len());
+    let _ = write!(
+        json,
+        "{{\"message_id\":\"sys-{:016x}\",\"seq\":{},\"type\":\"system\",\"event\":",
+        r.seq, r.seq
+    );
+    crate::domain::event::push_json_str(&mut json, &r.name);
     json.push_str(",\"name\":null,\"category\":null,\"properties\":");
-    json.push_str(properties_json);
+    json.push_str(&r.properties_json);
     json.push_str(",\"traits\":null,\"context\":null,\"user_id\":null,\"anonymous_id\":null,\"group_id\":null,\"previous_id\":null,\"timestamp\":\"");
-    crate::segment::timefmt::write_ms(&mut json, now);
+    crate::segment::timefmt::write_ms(&mut json, r.at_ms);
     json.push_str("\",\"received_at\":\"");
-    crate::segment::timefmt::write_ms(&mut json, now);
+    crate::segment::timefmt::write_ms(&mut json, r.at_ms);
     json.push_str("\"}");
     debug_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok());
     EventRecord {
-        seq,
-        profile: profile.0,
-        ts_ms: now,
-        received_ms: now,
+        seq: r.seq,
+        profile: r.profile,
+        ts_ms: r.at_ms,
+        received_ms: r.at_ms,
         kind: EventKind::System,
-        name: name.to_owned(),
+        name: r.name.clone(),
         created: false,
         dedup_hash: 0,
         note: None,
@@ -706,11 +740,7 @@ fn record_changes(
         now,
         touched,
     );
-    let record = system_record_json(profile.id, seq, "user.updated", &props, now);
-    let mut entry = event_ref(&record, 0);
-    entry.pos = log.append(&LogRecord::Event(record)).map_err(io_problem)?;
-    profile.add_event(entry);
-    Ok(())
+    append_system_json(log, profile, seq, "user.updated", props, now)
 }
 
 /// Appends a trait value as JSON (`null` for none).
@@ -773,6 +803,16 @@ fn replay(
     rec: LogRecord,
 ) {
     match rec {
+        // The same as its full form (a compact record never is `user.deleted`).
+        LogRecord::System(r) => replay(
+            ctx,
+            profiles,
+            system_log,
+            (specs, mappings),
+            limits,
+            pos,
+            LogRecord::Event(expand_system(&r)),
+        ),
         LogRecord::Event(e) => {
             let pid = ProfileId(e.profile);
             if e.kind == EventKind::System && e.name == "user.deleted" {
@@ -1999,5 +2039,33 @@ impl Handler<GetMerges> for Shard {
                 .unwrap_or_default()
         });
         let _ = msg.reply.send(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compact_standard_event_renders_as_the_api_event() {
+        let e = expand_system(&SystemRecord {
+            seq: 255,
+            profile: 7,
+            at_ms: 1_700_000_000_123,
+            name: "user.updated".into(),
+            properties_json: r#"{"changes":{"a\"b":{"from":null,"to":1}}}"#.into(),
+        });
+        let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
+        assert_eq!(v["message_id"], "sys-00000000000000ff");
+        assert_eq!(v["seq"], 255);
+        assert_eq!(v["type"], "system");
+        assert_eq!(v["event"], "user.updated");
+        assert_eq!(v["properties"]["changes"]["a\"b"]["to"], 1);
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["received_at"], v["timestamp"]);
+        assert_eq!(
+            (e.kind, e.ts_ms, e.profile),
+            (EventKind::System, 1_700_000_000_123, 7)
+        );
     }
 }
