@@ -236,6 +236,10 @@ async fn delete_erases_from_every_read_and_logs_user_deleted() {
         .await;
     let (_, p) = s.get("/v1/profiles/user_id:gone").await;
     let id = p["id"].as_str().unwrap().to_owned();
+    // The far-future event is found by a query whose window covers it...
+    let wide = "/v1/events?name=Bye&since=2000-01-01T00:00:00Z&until=2100-01-01T00:00:00Z";
+    let (_, before) = s.get(wide).await;
+    assert_eq!(before["events"].as_array().unwrap().len(), 1, "{before}");
     let (st, _) = s
         .admin("DELETE", "/v1/profiles/anonymous_id:a-gone", None)
         .await;
@@ -247,8 +251,23 @@ async fn delete_erases_from_every_read_and_logs_user_deleted() {
         s.admin("DELETE", "/v1/profiles/user_id:gone", None).await.0,
         404
     );
-    let (_, all) = s.get("/v1/events?name=Bye").await;
+    // ...and by none after the erasure, nor by an event export.
+    let (_, all) = s.get(wide).await;
     assert_eq!(all["events"], json!([]));
+    let r = s
+        .http
+        .get(format!("{}/v1/export/events?format=jsonl", s.url))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let export = r.text().await.unwrap();
+    assert!(export.contains("\"Hi\""), "{export}");
+    assert!(
+        !export.contains("\"Bye\"") && !export.contains("a-gone"),
+        "{export}"
+    );
     assert_eq!(s.all_profiles().await.len(), 1);
     let (_, sys) = s.get("/v1/events?type=system&name=user.deleted").await;
     let deleted = sys["events"].as_array().unwrap();

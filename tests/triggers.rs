@@ -686,3 +686,90 @@ async fn the_stream_shows_entries_and_exits_as_they_happen_and_resumes() {
     let (st, _) = s.get("/v1/segments/none/stream").await;
     assert_eq!(st, 404);
 }
+
+#[tokio::test]
+async fn an_erased_members_queued_deliveries_go_out_without_its_traits() {
+    let s = Server::start_with(Opts {
+        env: vec![
+            ("USER360_TRIGGERS__FIRST_RETRY_MS".into(), "50".into()),
+            ("USER360_TRIGGERS__MAX_RETRY_MS".into(), "200".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    // The receiver is down (503) until the person has been erased.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let d = down.clone();
+    let hook = Hook::start(Arc::new(move |_, _| {
+        if d.load(std::sync::atomic::Ordering::SeqCst) {
+            (503, None)
+        } else {
+            (200, None)
+        }
+    }))
+    .await;
+    segment(
+        &s,
+        json!({"id": "all", "name": "All", "rule": {"identity": "user_id", "op": "exists"}}),
+    )
+    .await;
+    trigger(
+        &s,
+        json!({"id": "crm", "segment": "all", "on": ["enter", "exit"], "url": hook.url}),
+    )
+    .await;
+    ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "secret", "traits": {"diary": "SECRET-DIARY", "plan": "pro"}}),
+    )
+    .await;
+    ok(
+        &s,
+        "/v1/identify",
+        json!({"userId": "kept", "traits": {"diary": "KEPT-DIARY"}}),
+    )
+    .await;
+    // Queued with the traits: the failed attempts carried them.
+    let first = hook.wait_for(2).await;
+    assert!(first.iter().any(|h| h.body.contains("SECRET-DIARY")));
+    let (_, p) = s.get("/v1/profiles/user_id:secret").await;
+    let pid = p["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:secret", None)
+            .await
+            .0,
+        204
+    );
+    let (_, listed) = s.get("/v1/triggers/crm/deliveries").await;
+    assert!(!listed.to_string().contains("SECRET"), "{listed}");
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Delivered: the erased person's entry (now without traits), then its exit; the other
+    // person's entry whole.
+    wait_status(&s, "crm", "delivered", 3).await;
+    let sent: Vec<Value> = hook
+        .hits()
+        .iter()
+        .filter(|h| h.status == 200)
+        .map(Hit::json)
+        .collect();
+    let of = |id: &str| -> Vec<&Value> {
+        sent.iter()
+            .filter(|b| b["profile"]["id"] == id)
+            .collect::<Vec<_>>()
+    };
+    let erased = of(&pid);
+    assert_eq!(
+        erased.iter().map(|b| b["type"].clone()).collect::<Vec<_>>(),
+        vec![json!("segment.entered"), json!("segment.exited")],
+        "{sent:?}"
+    );
+    for b in &erased {
+        assert!(b["profile"].get("traits").is_none(), "{b}");
+        assert!(!b.to_string().contains("SECRET"), "{b}");
+    }
+    assert_eq!(erased[1]["reason"], "deleted");
+    let (_, kept) = s.get("/v1/profiles/user_id:kept").await;
+    let kept = of(kept["id"].as_str().unwrap());
+    assert_eq!(kept[0]["profile"]["traits"]["diary"], "KEPT-DIARY");
+}
