@@ -1162,7 +1162,7 @@ async fn an_export_of_100000_profiles_streams_and_parses_back() {
                 let plan = ["free", "pro"][n % 2];
                 json!({"type": "identify", "userId": format!("bulk-{n}"), "traits": {
                     "email": format!("b{n}@example.com"), "n": n, "plan": plan,
-                    "name": format!("Doe, \"J{n}\""), "cmd": if n % 1000 == 0 { "=1+1" } else { "x" },
+                    "name": format!("Doe, \"J{n}\""), "cmd": if n.is_multiple_of(1000) { "=1+1" } else { "x" },
                 }})
             })
             .collect();
@@ -1264,7 +1264,7 @@ async fn an_export_of_100000_profiles_streams_and_parses_back() {
         seen[k] = true;
         assert_eq!(r[n], k.to_string());
         assert_eq!(r[name], format!("Doe, \"J{k}\""));
-        let want = if k % 1000 == 0 { "'=1+1" } else { "x" };
+        let want = if k.is_multiple_of(1000) { "'=1+1" } else { "x" };
         assert_eq!(r[cmd], want);
     }
     assert!(seen.iter().all(|&b| b));
