@@ -1269,3 +1269,64 @@ async fn an_export_of_100000_profiles_streams_and_parses_back() {
     }
     assert!(seen.iter().all(|&b| b));
 }
+
+#[tokio::test]
+async fn a_large_import_is_held_back_not_buffered() {
+    // 600,000 rows (~37 MB of CSV, far less gzipped) that all set the same value
+    // on one profile: the profile does not grow, so resident memory shows whether the
+    // server holds the body or its parsed rows instead of reading as it applies.
+    const ROWS: usize = 600_000;
+    let s = Server::start().await;
+    let body_of = |rows: usize| {
+        let mut text = String::from("user_id,plan,padding\n");
+        for _ in 0..rows {
+            text.push_str("same-user,pro,a row long enough to weigh something in memory\n");
+        }
+        text
+    };
+    let csv_text = body_of(ROWS);
+    let raw = csv_text.len() as f64;
+    let body = gzip(csv_text.as_bytes());
+    drop(csv_text);
+    // A first, smaller import of the same rows brings the import's working set (reader,
+    // row batches, log buffers) in; the large one must stay within it.
+    let warm = body_of(ROWS / 8);
+    let (st, v) = import(&s, "csv", gzip(warm.as_bytes()), true).await;
+    assert_eq!(st, 200, "{v}");
+    let before = rss(&s).await;
+    let peak = std::sync::Arc::new(std::sync::Mutex::new(before));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        let (http, url) = (s.http.clone(), format!("{}/metrics", s.url));
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let text = http.get(&url).send().await.unwrap().text().await.unwrap();
+                let v: f64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("user360_process_rss_bytes "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap();
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = p.max(v);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let (st, v) = import(&s, "csv", body, true).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["imported"], ROWS, "{v}");
+    assert_eq!(v["rejected"], json!([]));
+    let grew = *peak.lock().unwrap() - before;
+    assert!(
+        grew < raw / 4.0,
+        "resident memory grew {grew} bytes during the import of a {raw}-byte body"
+    );
+    let p = profile(&s, "user_id:same-user").await;
+    assert_eq!(p["traits"]["plan"], "pro");
+    assert_eq!(s.all_profiles().await.len(), 1);
+}
