@@ -708,6 +708,12 @@ async fn an_erased_members_queued_deliveries_go_out_without_its_traits() {
         }
     }))
     .await;
+    // Another receiver refuses the first attempt outright (400: failed at once, its
+    // payload kept for re-queuing) and takes the next.
+    let strict = Hook::start(Arc::new(
+        |_, n| if n == 1 { (400, None) } else { (200, None) },
+    ))
+    .await;
     segment(
         &s,
         json!({"id": "all", "name": "All", "rule": {"identity": "user_id", "op": "exists"}}),
@@ -718,12 +724,19 @@ async fn an_erased_members_queued_deliveries_go_out_without_its_traits() {
         json!({"id": "crm", "segment": "all", "on": ["enter", "exit"], "url": hook.url}),
     )
     .await;
+    trigger(
+        &s,
+        json!({"id": "strict", "segment": "all", "on": ["enter"], "url": strict.url}),
+    )
+    .await;
     ok(
         &s,
         "/v1/identify",
         json!({"userId": "secret", "traits": {"diary": "SECRET-DIARY", "plan": "pro"}}),
     )
     .await;
+    let failed = wait_status(&s, "strict", "failed", 1).await;
+    assert!(strict.hits()[0].body.contains("SECRET-DIARY"));
     ok(
         &s,
         "/v1/identify",
@@ -772,4 +785,80 @@ async fn an_erased_members_queued_deliveries_go_out_without_its_traits() {
     let (_, kept) = s.get("/v1/profiles/user_id:kept").await;
     let kept = of(kept["id"].as_str().unwrap());
     assert_eq!(kept[0]["profile"]["traits"]["diary"], "KEPT-DIARY");
+    // The failed delivery, re-queued after the erasure, goes out without the traits.
+    let id = failed[0]["id"].as_str().unwrap();
+    let (st, v) = s
+        .admin(
+            "POST",
+            &format!("/v1/triggers/strict/deliveries/{id}/retry"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 202, "{v}");
+    let again = strict.wait_for(3).await;
+    let resent: Vec<&Hit> = again.iter().filter(|h| h.json()["id"] == id).collect();
+    assert_eq!(resent.len(), 2, "{again:?}");
+    assert_eq!(resent[1].status, 200);
+    assert_eq!(resent[1].json()["profile"]["id"], pid.as_str());
+    assert!(!resent[1].body.contains("SECRET"), "{}", resent[1].body);
+}
+
+#[tokio::test]
+async fn erasing_right_after_deliveries_never_sends_them_again() {
+    // The erasure rewrites the person's queued deliveries; one that has just been
+    // delivered (its end not yet logged by the shard) must not go out a second time.
+    let s = Server::start().await;
+    let hook = Hook::ok().await;
+    segment(
+        &s,
+        json!({"id": "pro", "name": "Pro", "rule": {"trait": "plan", "op": "eq", "value": "pro"}}),
+    )
+    .await;
+    trigger(
+        &s,
+        json!({"id": "sync", "segment": "pro", "on": ["enter", "exit"], "url": hook.url}),
+    )
+    .await;
+    const PEOPLE: usize = 20;
+    for plan in ["pro", "free", "pro"] {
+        let batch: Vec<Value> = (0..PEOPLE)
+            .map(|i| json!({"type": "identify", "userId": format!("p{i}"), "traits": {"plan": plan}}))
+            .collect();
+        ok(&s, "/v1/batch", json!({"batch": batch})).await;
+    }
+    hook.wait_for(3 * PEOPLE).await;
+    let deletes: Vec<_> = (0..PEOPLE)
+        .map(|i| {
+            let (http, url, token) = (
+                s.http.clone(),
+                format!("{}/v1/profiles/user_id:p{i}", s.url),
+                s.admin_token.clone(),
+            );
+            tokio::spawn(async move {
+                http.delete(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for d in deletes {
+        assert_eq!(d.await.unwrap(), 204);
+    }
+    // Each person: entered, exited, entered, then the erasure's exit; nothing twice.
+    let hits = hook.expect(4 * PEOPLE, Duration::from_millis(1500)).await;
+    let mut ids: Vec<String> = hits
+        .iter()
+        .map(|h| h.json()["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4 * PEOPLE);
+    let exits = hits
+        .iter()
+        .filter(|h| h.json()["reason"] == "deleted")
+        .count();
+    assert_eq!(exits, PEOPLE);
 }

@@ -318,6 +318,16 @@ async fn run_worker(
                     let profile = e.profile;
                     // Earlier attempts (before a restart) count.
                     let prior = ctx.history.get(t.idx, &e.delivery);
+                    // Already ended, its end not yet logged by the shard: an erasure's
+                    // rewrite that crossed the end, or a restart after the end was
+                    // recorded here but before the shard logged it. Never sent again.
+                    if prior
+                        .as_ref()
+                        .is_some_and(|p| p.status != DeliveryStatus::Pending)
+                    {
+                        (ctx.end)(shard, vec![e.delivery]);
+                        continue;
+                    }
                     let pending = Pending {
                         attempts: prior.as_ref().map_or(0, |p| p.attempts),
                         last_error: prior.and_then(|p| p.last_error),

@@ -728,7 +728,17 @@ impl Grid {
             suppress,
             reply: tx,
         });
-        rx.await.map_err(|_| gone())?
+        let erased = rx.await.map_err(|_| gone())??;
+        if erased {
+            // Failed deliveries keep their payload for re-queuing: not the traits of
+            // someone erased.
+            let history = self.dispatcher.context().history.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                history.rewrite_bodies(id.0, shard::outbox::without_traits)
+            })
+            .await;
+        }
+        Ok(erased)
     }
 
     /// Flushes every shard's log to disk and stops the shard threads (shutdown).

@@ -103,6 +103,33 @@ impl HistoryStore {
         }
     }
 
+    /// Rewrites the kept payloads of a profile's deliveries with `rewrite` (an erasure
+    /// takes the traits out of failed ones, which keep theirs for re-queuing); answers how
+    /// many changed.
+    pub fn rewrite_bodies(&self, profile: u128, rewrite: impl Fn(&str) -> Option<String>) -> usize {
+        let mut changed = 0;
+        for (k, v) in self.tree.iter().filter_map(|kv| kv.ok()) {
+            let Ok(mut s) = serde_json::from_slice::<DeliveryState>(&v) else {
+                continue;
+            };
+            if s.profile != profile {
+                continue;
+            }
+            let Some(body) = s.body.as_deref().and_then(&rewrite) else {
+                continue;
+            };
+            s.body = Some(body);
+            let v = serde_json::to_vec(&s).expect("delivery state serialises");
+            match self.tree.insert(k, v) {
+                Ok(_) => changed += 1,
+                Err(e) => {
+                    tracing::error!(error = %e, delivery = %s.id, "cannot rewrite a delivery's payload")
+                }
+            }
+        }
+        changed
+    }
+
     /// A delivery's recorded state.
     pub fn get(&self, trigger: u32, delivery: &str) -> Option<DeliveryState> {
         let v = self.tree.get(key(trigger, delivery)).ok()??;

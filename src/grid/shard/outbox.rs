@@ -71,6 +71,21 @@ pub fn profile_payload(p: &Profile, shown: Shown) -> String {
     out
 }
 
+/// A delivery payload (as queued: without its closing brace) with the profile's traits
+/// taken out, for an erased profile; `None` when it is not a payload.
+pub fn without_traits(body: &str) -> Option<String> {
+    let mut whole = String::with_capacity(body.len() + 1);
+    whole.push_str(body);
+    whole.push('}');
+    let mut v = serde_json::from_str::<serde_json::Value>(&whole).ok()?;
+    if let Some(p) = v.get_mut("profile").and_then(|p| p.as_object_mut()) {
+        p.remove("traits");
+    }
+    let mut out = v.to_string();
+    out.pop(); // the closing brace comes with the attempt number
+    Some(out)
+}
+
 /// A delivery payload without its closing `,"attempt":N}` (added per attempt).
 #[allow(clippy::too_many_arguments)]
 fn payload(
@@ -194,16 +209,9 @@ impl Shard {
             let Some(e) = self.outbox.get(&id) else {
                 continue;
             };
-            let mut whole = e.body.clone();
-            whole.push('}');
-            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&whole) else {
+            let Some(body) = without_traits(&e.body) else {
                 continue;
             };
-            if let Some(p) = v.get_mut("profile").and_then(|p| p.as_object_mut()) {
-                p.remove("traits");
-            }
-            let mut body = v.to_string();
-            body.pop(); // the closing brace comes with the attempt number
             let mut stripped = e.clone();
             stripped.body = body;
             self.step_outbox.push(stripped);
