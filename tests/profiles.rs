@@ -530,6 +530,27 @@ async fn delete_with_suppress_refuses_later_messages_across_restarts() {
         )
         .await;
     assert_eq!(v["rejected"][0]["code"], "suppressed");
+    // Nor does a PATCH bring them back: by their key, or by their email given to someone.
+    for (key, body, path) in [
+        ("user_id:erased", json!({"a": 1}), "key"),
+        ("anonymous_id:a-er", json!({"a": 1}), "key"),
+        ("user_id:fresh", json!({"email": "Er@X.com"}), "email"),
+    ] {
+        let (st, v) = s
+            .admin("PATCH", &format!("/v1/profiles/{key}/traits"), Some(&body))
+            .await;
+        assert_eq!(
+            (st, &v["code"], &v["path"]),
+            (400, &json!("suppressed"), &json!(path)),
+            "{key}: {v}"
+        );
+        assert!(
+            v["message"].as_str().unwrap().contains("suppression"),
+            "{v}"
+        );
+    }
+    assert_eq!(s.get("/v1/profiles/user_id:fresh").await.0, 404);
+    assert_eq!(s.get("/v1/profiles/email:er@x.com").await.0, 404);
     // Without suppress, the person can come back.
     assert_eq!(
         s.ingest("/v1/track", &json!({"userId": "plain", "event": "Back"}))

@@ -792,6 +792,35 @@ impl Grid {
                 });
             }
         }
+        // A person erased with suppression is not brought back by a PATCH either: not
+        // through its key, nor by an email/phone trait given to someone else.
+        if let ProfileKey::Identity(id) = key
+            && self
+                .registry
+                .suppressed_among(std::slice::from_ref(id))
+                .is_some()
+        {
+            return Err(Problem::at(
+                ErrorCode::Suppressed,
+                "key",
+                format!(
+                    "{} {:?} belongs to a person erased with suppression",
+                    id.ty.name(),
+                    &*id.value
+                ),
+            ));
+        }
+        if let Some(id) = self.registry.suppressed_among(&extra) {
+            return Err(Problem::at(
+                ErrorCode::Suppressed,
+                id.ty.name(),
+                format!(
+                    "trait {} {:?} belongs to a person erased with suppression",
+                    id.ty.name(),
+                    &*id.value
+                ),
+            ));
+        }
         let resolution = match (key, self.find(key)) {
             // An identity key: it and the email/phone traits resolve together, like the
             // identities of a message (creating, linking or merging under the limits).
