@@ -1330,3 +1330,29 @@ async fn a_large_import_is_held_back_not_buffered() {
     assert_eq!(p["traits"]["plan"], "pro");
     assert_eq!(s.all_profiles().await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_profile_with_traits_near_the_limit_round_trips_through_jsonl() {
+    let a = Server::start().await;
+    let big = "b".repeat(200_000);
+    let (st, v) = a
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:big/traits",
+            Some(&json!({"essay": big, "plan": "pro"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, body) = text(&a, "/v1/export/profiles?format=jsonl").await;
+    assert!(body.len() > 200_000);
+    let b = Server::start().await;
+    let v = import_ok(&b, "jsonl", &body).await;
+    assert_eq!(
+        (&v["imported"], &v["rejected"]),
+        (&json!(1), &json!([])),
+        "{v}"
+    );
+    let p = profile(&b, "user_id:big").await;
+    assert_eq!(p["traits"]["essay"].as_str().map(str::len), Some(200_000));
+    assert_eq!(p["traits"]["plan"], "pro");
+}

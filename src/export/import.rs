@@ -88,11 +88,30 @@ pub fn parse_jsonl(
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf)?;
+        // At most one byte past the limit is kept: a longer line is skipped to its end
+        // without being held in memory.
+        let n = (&mut reader)
+            .take(max_line_bytes as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
         if n == 0 {
             return Ok(());
         }
         line += 1;
+        if buf.len() > max_line_bytes && buf.last() != Some(&b'\n') {
+            let rest = skip_line(&mut reader)?;
+            let row = Err(RowError {
+                line,
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "the line has {} bytes, more than the limit of {max_line_bytes}",
+                    buf.len() as u64 + rest
+                ),
+            });
+            if !emit(row) {
+                return Ok(());
+            }
+            continue;
+        }
         let text = match std::str::from_utf8(&buf) {
             Ok(t) => t.trim(),
             Err(_) => {
@@ -123,6 +142,29 @@ pub fn parse_jsonl(
         };
         if !emit(row) {
             return Ok(());
+        }
+    }
+}
+
+/// Reads past the rest of a line (through its newline); answers how many bytes that was
+/// (the newline not counted).
+fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(skipped);
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i as u64);
+            }
+            None => {
+                let n = chunk.len();
+                reader.consume(n);
+                skipped += n as u64;
+            }
         }
     }
 }
@@ -538,5 +580,32 @@ mod tests {
         assert_eq!(out[1].as_ref().unwrap_err().code, ErrorCode::InvalidJson);
         assert_eq!(out[2].as_ref().unwrap_err().code, ErrorCode::MissingId);
         assert_eq!(out[3].as_ref().unwrap_err().line, 5);
+    }
+
+    #[test]
+    fn an_over_long_line_is_skipped_to_its_end_and_the_next_one_read() {
+        let long = format!(
+            "{{\"identities\":[{{\"type\":\"user_id\",\"value\":\"u1\"}}],\"traits\":{{\"t\":\"{}\"}}}}",
+            "x".repeat(300)
+        );
+        let text = format!(
+            "{long}\n{{\"identities\":[{{\"type\":\"user_id\",\"value\":\"u2\"}}]}}\n{long}"
+        );
+        let mut out = Vec::new();
+        parse_jsonl(text.as_bytes(), &rules(), 100, |r| {
+            out.push(r);
+            true
+        })
+        .unwrap();
+        assert_eq!(out.len(), 3);
+        for (i, line) in [(0, 1), (2, 3)] {
+            let e = out[i].as_ref().unwrap_err();
+            assert_eq!((e.line, e.code), (line, ErrorCode::TooLarge));
+            assert!(
+                e.message.contains(&format!("{} bytes", long.len())),
+                "{e:?}"
+            );
+        }
+        assert_eq!(out[1].as_ref().unwrap().line, 2);
     }
 }

@@ -432,7 +432,10 @@ impl Grid {
         let rules = Arc::new(crate::domain::identity::IdentityRules::new(
             &self.settings.identity,
         ));
-        let max_line = self.settings.ingest.max_message_bytes;
+        // A line is one profile: as large as its traits may be (with its identities), so
+        // an export always imports back; never less than a request body.
+        let max_line = (2 * self.settings.ingest.max_trait_bytes + (1 << 16))
+            .max(self.settings.ingest.max_body_bytes);
         let parser = tokio::task::spawn_blocking(move || -> Result<(), RowError> {
             let mut batch = Vec::with_capacity(IMPORT_BATCH);
             let mut emit = |r: Parsed| {
