@@ -119,6 +119,13 @@ pub async fn run(
             settings.listen
         );
     }
+    // A broken mappings file stops the start here, before anything listens.
+    if settings.mappings_file.exists() {
+        crate::grid::mappings::check_file(
+            &settings.mappings_file,
+            settings.ingest.max_trait_bytes,
+        )?;
+    }
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
     let meta = Meta::open(&settings.data_dir)?;

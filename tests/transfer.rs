@@ -984,9 +984,121 @@ actions = [
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("mapping 1") && err.contains("actions[0]"),
+        err.contains("mappings file")
+            && err.contains("mapping \"bad\"")
+            && err.contains("actions[0]")
+            && !err.contains("data dir"),
         "{err}"
     );
+    // It stops before listening: nothing claims to serve.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn mappings_refuse_what_would_silently_do_nothing_and_report_what_they_skip() {
+    let s = Server::start().await;
+    // Refused at creation, each naming the place and the value.
+    let big = "v".repeat(300_000);
+    let many: Vec<Value> = (0..300)
+        .map(|i| json!({"unset": format!("t{i}")}))
+        .collect();
+    for (actions, path, word) in [
+        (json!([{"increment": "n"}]), "actions[0].by", "by"),
+        (
+            json!([{"set": "plan", "from": "propertes.plan"}]),
+            "actions[0].from",
+            "propertes.plan",
+        ),
+        (
+            json!([{"set": "essay", "value": big}]),
+            "actions[0].value",
+            "essay",
+        ),
+        (json!(many), "actions", "300"),
+    ] {
+        let (st, v) = s
+            .admin(
+                "POST",
+                "/v1/mappings",
+                Some(&json!({"event": "E", "actions": actions})),
+            )
+            .await;
+        assert_eq!(
+            (st, &v["code"], &v["path"]),
+            (400, &json!("invalid_rule"), &json!(path)),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains(word), "{v}");
+    }
+    // Two mappings of one event changing the same trait: one user.updated, one entry per
+    // trait, from the value before the event to the value after it.
+    for body in [
+        json!({"id": "one", "event": "Dup", "actions": [{"increment": "n", "by": 1}, {"set": "plan", "from": "properties.plan"}, {"append": "tags", "from": "properties.tag"}]}),
+        json!({"id": "two", "event": "Dup", "actions": [{"increment": "n", "by": 2}, {"set": "plan", "value": "fixed"}, {"increment": "tags", "by": 1}, {"set": "w", "from": "properties.nothing"}]}),
+    ] {
+        let (st, v) = s.admin("POST", "/v1/mappings", Some(&body)).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    ingest_ok(
+        &s,
+        "/v1/track",
+        json!({"userId": "d1", "event": "Dup", "properties": {"plan": "pro", "tag": "a"}}),
+    )
+    .await;
+    let p = profile(&s, "user_id:d1").await;
+    assert_eq!(
+        p["traits"],
+        json!({"n": 3, "plan": "fixed", "tags": ["a"]}),
+        "{p}"
+    );
+    let (_, raw) = text(
+        &s,
+        "/v1/profiles/user_id:d1/events?type=system&name=user.updated",
+    )
+    .await;
+    assert_eq!(raw.matches("\"n\":{").count(), 1, "{raw}");
+    assert_eq!(raw.matches("\"plan\":{").count(), 1, "{raw}");
+    let updates = s
+        .events("user_id:d1", "type=system&name=user.updated")
+        .await;
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!(
+        updates[0]["properties"]["changes"],
+        json!({"n": {"from": null, "to": 3}, "plan": {"from": null, "to": "fixed"},
+               "tags": {"from": null, "to": ["a"]}})
+    );
+    // What each mapping did: "two" could not increment a list, and found no
+    // properties.nothing.
+    let (st, one) = s.get("/v1/mappings/one/stats").await;
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(
+        (&one["applied"], &one["skipped_updates"]),
+        (&json!(1), &json!(0)),
+        "{one}"
+    );
+    assert!(one["last_skipped"].is_null());
+    let (_, two) = s.get("/v1/mappings/two/stats").await;
+    assert_eq!(
+        (
+            &two["applied"],
+            &two["missing_paths"],
+            &two["skipped_updates"]
+        ),
+        (&json!(1), &json!(1), &json!(1)),
+        "{two}"
+    );
+    assert_eq!(two["last_skipped"]["trait"], "tags");
+    assert_eq!(two["last_skipped"]["profile_id"], p["id"]);
+    let reason = two["last_skipped"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("tags") && reason.contains("[\"a\"]"),
+        "{reason}"
+    );
+    assert_eq!(s.get("/v1/mappings/nope/stats").await.0, 404);
 }
 
 // -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! Mapping endpoints: create, list, get, delete.
+//! Mapping endpoints: create, list, get, delete, and what each mapping did.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,4 +67,16 @@ pub async fn delete(
     let svc = app.admin(&headers)?;
     svc.grid.delete_mapping(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/mappings/{id}/stats`: applied, missing paths, skipped updates (with the last
+/// reason) since the server started.
+pub async fn stats(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let svc = app.admin(&headers)?;
+    let v = svc.grid.mapping_stats(&id).ok_or_else(|| no_mapping(&id))?;
+    Ok(Json(v).into_response())
 }

@@ -99,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/mappings/{id}",
             get(mappings::get_one).delete(mappings::delete),
         )
+        .route("/v1/mappings/{id}/stats", get(mappings::stats))
         .route("/v1/export/profiles", get(export::profiles))
         .route("/v1/export/events", get(export::events))
         .route("/v1/import/profiles", post(export::import))

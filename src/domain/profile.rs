@@ -78,6 +78,24 @@ pub enum TraitLimitError {
     },
 }
 
+/// A mapping's update that could not be applied to a profile (reported per mapping).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkippedUpdate {
+    /// The trait.
+    pub key: String,
+    /// Why, naming the trait and the value or limit.
+    pub reason: String,
+}
+
+impl SkippedUpdate {
+    fn new(key: &str, reason: String) -> SkippedUpdate {
+        SkippedUpdate {
+            key: key.to_owned(),
+            reason,
+        }
+    }
+}
+
 /// Trait budget of one profile, and how close two event times must be to count as equal.
 #[derive(Debug, Clone, Copy)]
 pub struct TraitLimits {
@@ -434,10 +452,10 @@ impl Profile {
         ts: i64,
         limits: TraitLimits,
         now: i64,
-    ) -> (Vec<TraitChange>, u64) {
+    ) -> (Vec<TraitChange>, Vec<SkippedUpdate>) {
         use crate::segment::mapping::{Update, appended, incremented};
         let mut changes = Vec::new();
-        let mut skipped = 0;
+        let mut skipped = Vec::new();
         for u in updates {
             let current = |k: &str| {
                 trait_keys()
@@ -448,27 +466,47 @@ impl Profile {
             let (key, value, time) = match u {
                 Update::Set(k, v) => (k, v.clone(), TraitTime::Event(ts)),
                 Update::Increment(k, by, int) => {
-                    match incremented(current(k).as_ref(), *by, *int) {
+                    let now_value = current(k);
+                    match incremented(now_value.as_ref(), *by, *int) {
                         Some(v) => (k, Some(v), TraitTime::Now(ts)),
                         None => {
-                            skipped += 1;
+                            skipped.push(SkippedUpdate::new(
+                                k,
+                                format!(
+                                    "cannot increment {k:?}: it holds {}, not a number",
+                                    crate::segment::cond::show(
+                                        now_value.as_ref().unwrap_or(&serde_json::Value::Null)
+                                    )
+                                ),
+                            ));
                             continue;
                         }
                     }
                 }
-                Update::Append(k, items) => match appended(current(k).as_ref(), items) {
-                    Some(v) => (k, Some(v), TraitTime::Now(ts)),
-                    None => {
-                        skipped += 1;
-                        continue;
+                Update::Append(k, items) => {
+                    let now_value = current(k);
+                    match appended(now_value.as_ref(), items) {
+                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
+                        None => {
+                            skipped.push(SkippedUpdate::new(
+                                k,
+                                format!(
+                                    "cannot append to {k:?}: it holds {}, not a list",
+                                    crate::segment::cond::show(
+                                        now_value.as_ref().unwrap_or(&serde_json::Value::Null)
+                                    )
+                                ),
+                            ));
+                            continue;
+                        }
                     }
-                },
+                }
             };
             let mut one = serde_json::Map::with_capacity(1);
             one.insert(key.clone(), value.unwrap_or(serde_json::Value::Null));
             match self.plan_traits(&one, time, limits) {
                 Ok(plan) => changes.extend(self.commit_traits(plan, now)),
-                Err(_) => skipped += 1,
+                Err(e) => skipped.push(SkippedUpdate::new(key, format!("cannot set {key:?}: {e}"))),
             }
         }
         (changes, skipped)

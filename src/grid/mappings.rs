@@ -14,12 +14,96 @@ use crate::segment::mapping::{Mapping, mapping_object};
 use crate::segment::set::{Definitions, MappingDef};
 use crate::segment::timefmt::format_ms;
 
+/// What each mapping did since the server started: how often it applied, how many of its
+/// paths were missing from a message, and which updates it could not apply (with the last
+/// reason), so a mapping that quietly does nothing can be seen (`GET /v1/mappings/{id}/stats`).
+/// Shards record into it in the event's step (only for events some mapping names); replay
+/// does not count.
+#[derive(Default)]
+pub struct MappingStats {
+    by_id: dashmap::DashMap<String, Counters>,
+}
+
+#[derive(Default, Clone)]
+struct Counters {
+    applied: u64,
+    missing_paths: u64,
+    skipped: u64,
+    last_skipped: Option<(i64, crate::domain::ids::ProfileId, String, String)>,
+    last_warned_ms: i64,
+}
+
+/// How often a mapping's skipped updates are logged (they are all counted).
+const WARN_EVERY_MS: i64 = 60_000;
+
+impl MappingStats {
+    /// Records one message's outcome for a mapping whose conditions held.
+    pub fn record(
+        &self,
+        mapping: &str,
+        profile: crate::domain::ids::ProfileId,
+        changed: bool,
+        missing: u64,
+        skipped: &[crate::domain::profile::SkippedUpdate],
+        now: i64,
+    ) {
+        let mut c = self.by_id.entry(mapping.to_owned()).or_default();
+        c.applied += u64::from(changed);
+        c.missing_paths += missing;
+        if let Some(last) = skipped.last() {
+            c.skipped += skipped.len() as u64;
+            c.last_skipped = Some((now, profile, last.key.clone(), last.reason.clone()));
+            if now - c.last_warned_ms >= WARN_EVERY_MS {
+                c.last_warned_ms = now;
+                tracing::warn!(
+                    mapping,
+                    profile = %profile,
+                    skipped = skipped.len(),
+                    reason = %last.reason,
+                    "a mapping could not apply updates (counted in GET /v1/mappings/{{id}}/stats)"
+                );
+            }
+        }
+    }
+
+    /// The counters of a mapping as the API shows them.
+    pub fn json(&self, mapping: &str) -> Value {
+        let c = self
+            .by_id
+            .get(mapping)
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        serde_json::json!({
+            "id": mapping,
+            "applied": c.applied,
+            "missing_paths": c.missing_paths,
+            "skipped_updates": c.skipped,
+            "last_skipped": c.last_skipped.map(|(at, profile, key, reason)| serde_json::json!({
+                "at": format_ms(at),
+                "profile_id": profile.to_string(),
+                "trait": key,
+                "reason": reason,
+            })),
+        })
+    }
+
+    /// Forgets a deleted mapping's counters.
+    pub fn forget(&self, mapping: &str) {
+        self.by_id.remove(mapping);
+    }
+}
+
 fn mapping_json(m: &MappingDef) -> Value {
     mapping_object(&m.body, &m.id, &format_ms(m.created_at))
 }
 
-/// Validates a mapping body; answers its id and the body without `id`.
-fn parse_body(body: &Value) -> Result<(String, Map<String, Value>), Problem> {
+/// Validates a mapping body; answers its id and the body without `id`. A `set` of a
+/// value that no profile could hold (larger than `max_trait_bytes`) is refused here rather
+/// than skipped at every event.
+fn parse_body(
+    body: &Value,
+    max_trait_bytes: usize,
+) -> Result<(String, Map<String, Value>), Problem> {
     let Some(obj) = body.as_object() else {
         return Err(Problem::at(
             ErrorCode::InvalidField,
@@ -48,8 +132,23 @@ fn parse_body(body: &Value) -> Result<(String, Map<String, Value>), Problem> {
             ));
         }
     };
-    Mapping::parse(body, &id)
+    let m = Mapping::parse(body, &id)
         .map_err(|e| Problem::at(ErrorCode::InvalidRule, e.path, e.message))?;
+    for (i, a) in m.actions.iter().enumerate() {
+        if let crate::segment::mapping::Action::SetValue(k, v) = a {
+            let bytes = k.len() + v.to_string().len() + 4;
+            if bytes > max_trait_bytes {
+                return Err(Problem::at(
+                    ErrorCode::InvalidRule,
+                    format!("actions[{i}].value"),
+                    format!(
+                        "the value of {k:?} takes {bytes} bytes as JSON, more than a profile's \
+                         traits may hold ({max_trait_bytes})"
+                    ),
+                ));
+            }
+        }
+    }
     let mut body = obj.clone();
     body.remove("id");
     body.remove("created_at");
@@ -91,26 +190,45 @@ pub fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     Ok(f.mappings)
 }
 
+/// Reads and validates the mappings file: every mapping with its id and body. An error
+/// names the file, the mapping (its id and place) and the path of the problem in it.
+pub fn check_file(
+    path: &std::path::Path,
+    max_trait_bytes: usize,
+) -> anyhow::Result<Vec<(String, Map<String, Value>)>> {
+    let entries = read_file(path)?;
+    let mut parsed = Vec::with_capacity(entries.len());
+    for (i, v) in entries.iter().enumerate() {
+        let Some(id) = v.get("id").and_then(Value::as_str) else {
+            anyhow::bail!(
+                "mappings file {}: [[mappings]] table {} needs an \"id\"",
+                path.display(),
+                i + 1
+            );
+        };
+        let (id, body) = parse_body(v, max_trait_bytes).map_err(|p| {
+            let at = match p.path.as_deref() {
+                Some(a) if !a.is_empty() => format!(" (at {a})"),
+                _ => String::new(),
+            };
+            anyhow::anyhow!(
+                "mappings file {}: mapping {id:?} ([[mappings]] table {}): {}{at}",
+                path.display(),
+                i + 1,
+                p.message,
+            )
+        })?;
+        parsed.push((id, body));
+    }
+    Ok(parsed)
+}
+
 impl Grid {
     /// Folds the mappings file's mappings into the definitions (called once at start, before
     /// the rules are installed); an invalid mapping in the file stops the start.
-    pub(crate) fn load_mapping_file(&self, entries: Vec<Value>) -> anyhow::Result<usize> {
+    pub(crate) fn load_mapping_file(&self, path: &std::path::Path) -> anyhow::Result<usize> {
         let now = self.clock.now_ms();
-        let mut parsed = Vec::with_capacity(entries.len());
-        for (i, v) in entries.iter().enumerate() {
-            if v.get("id").and_then(Value::as_str).is_none() {
-                anyhow::bail!("mapping {} of the mappings file needs an \"id\"", i + 1);
-            }
-            let (id, body) = parse_body(v).map_err(|p| {
-                anyhow::anyhow!(
-                    "mapping {} of the mappings file: {} ({})",
-                    i + 1,
-                    p.message,
-                    p.path.unwrap_or_default()
-                )
-            })?;
-            parsed.push((id, body));
-        }
+        let parsed = check_file(path, self.settings.ingest.max_trait_bytes)?;
         let n = parsed.len();
         if n > 0 {
             self.segments.edit_offline(|defs| {
@@ -124,7 +242,7 @@ impl Grid {
 
     /// `POST /v1/mappings`.
     pub async fn create_mapping(self: &Arc<Self>, body: &Value) -> Result<Value, Problem> {
-        let (id, body) = parse_body(body)?;
+        let (id, body) = parse_body(body, self.settings.ingest.max_trait_bytes)?;
         let now = self.clock.now_ms();
         let (defs, _) = self
             .edit(
@@ -161,7 +279,16 @@ impl Grid {
             Reason::Rule,
         )
         .await?;
+        self.mapping_stats.forget(id);
         Ok(())
+    }
+
+    /// `GET /v1/mappings/{id}/stats`.
+    pub fn mapping_stats(&self, id: &str) -> Option<Value> {
+        self.segments
+            .definitions()
+            .mapping(id)
+            .map(|_| self.mapping_stats.json(id))
     }
 
     /// `GET /v1/mappings/{id}`.

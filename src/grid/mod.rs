@@ -77,6 +77,8 @@ pub struct Grid {
     last_snapshot_wall: AtomicI64,
     /// Webhook delivery: one worker per trigger.
     pub dispatcher: dispatch::Dispatcher,
+    /// What each mapping did since start.
+    pub mapping_stats: Arc<mappings::MappingStats>,
 }
 
 /// The actor is gone: only during shutdown.
@@ -145,6 +147,7 @@ impl Grid {
             timers: timers.clone(),
             notify,
             dispatch: dispatch_tx,
+            mapping_stats: Arc::new(mappings::MappingStats::default()),
         });
         let depths: Vec<Arc<AtomicUsize>> = (0..shard_count)
             .map(|_| Arc::new(AtomicUsize::new(0)))
@@ -215,11 +218,12 @@ impl Grid {
             segments,
             last_snapshot_wall: AtomicI64::new(clock::wall_ms()),
             dispatcher,
+            mapping_stats: ctx.mapping_stats.clone(),
         });
         grid.drop_absorbed().await;
         let file = &grid.settings.mappings_file;
         if file.exists() {
-            let n = grid.load_mapping_file(mappings::read_file(file)?)?;
+            let n = grid.load_mapping_file(file)?;
             tracing::info!(mappings = n, file = %file.display(), "mappings file loaded");
         }
         grid.start_segments(changes).await;

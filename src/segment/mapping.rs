@@ -61,9 +61,53 @@ fn trait_name(v: &Value, path: &str) -> Result<String, CondError> {
     }
 }
 
+/// Most actions in one mapping.
+pub const MAX_ACTIONS: usize = 256;
+
+/// The fields of a stored message a `from` path may start with (as stored, then as the
+/// Tracking API spells them).
+const MESSAGE_FIELDS: &[&str] = &[
+    "properties",
+    "traits",
+    "context",
+    "event",
+    "name",
+    "category",
+    "type",
+    "timestamp",
+    "received_at",
+    "user_id",
+    "anonymous_id",
+    "group_id",
+    "previous_id",
+    "message_id",
+    "receivedAt",
+    "userId",
+    "anonymousId",
+    "groupId",
+    "previousId",
+    "messageId",
+];
+
 fn from_path(v: Option<&Value>, path: &str) -> Result<Path, CondError> {
     match v {
-        Some(Value::String(s)) => Path::parse(s).map_err(|m| CondError::new(path, m)),
+        Some(Value::String(s)) => {
+            let p = Path::parse(s).map_err(|m| CondError::new(path, m))?;
+            let root = p.segments()[0].as_str();
+            if !MESSAGE_FIELDS.contains(&root) {
+                return Err(CondError::new(
+                    path,
+                    format!(
+                        "{} does not start with a message field; a path starts with one of \
+                         properties, traits, context, event, name, category, type, timestamp, \
+                         received_at, user_id, anonymous_id, group_id, previous_id, message_id \
+                         (e.g. properties.plan)",
+                        show_str(s)
+                    ),
+                ));
+            }
+            Ok(p)
+        }
         Some(other) => Err(CondError::new(
             path,
             format!(
@@ -149,7 +193,12 @@ fn parse_action(v: &Value, path: &str) -> Result<Action, CondError> {
         "increment" => {
             let by_path = child_key(path, "by");
             let by = match obj.get("by") {
-                None => Value::from(1),
+                None => {
+                    return Err(CondError::new(
+                        by_path,
+                        "an increment action needs \"by\": the number to add (e.g. 1)",
+                    ));
+                }
                 Some(v) => v.clone(),
             };
             match by.as_f64().filter(|f| f.is_finite()) {
@@ -218,6 +267,15 @@ impl Mapping {
             Some(w) => parse_conditions(w, "where")?,
         };
         let actions = match obj.get("actions") {
+            Some(Value::Array(items)) if items.len() > MAX_ACTIONS => {
+                return Err(CondError::new(
+                    "actions",
+                    format!(
+                        "a mapping has at most {MAX_ACTIONS} actions; got {}",
+                        items.len()
+                    ),
+                ));
+            }
             Some(Value::Array(items)) if !items.is_empty() => items
                 .iter()
                 .enumerate()
@@ -459,8 +517,16 @@ mod tests {
     fn errors_point_into_the_mapping() {
         for (v, path) in [
             (
-                json!({"event": "E", "actions": [{"set": "a", "from": "x"}, {"sett": "b"}]}),
+                json!({"event": "E", "actions": [{"set": "a", "from": "properties.x"}, {"sett": "b"}]}),
                 "actions[1]",
+            ),
+            (
+                json!({"event": "E", "actions": [{"set": "a", "from": "x"}]}),
+                "actions[0].from",
+            ),
+            (
+                json!({"event": "E", "actions": [{"increment": "a"}]}),
+                "actions[0].by",
             ),
             (
                 json!({"event": "E", "actions": [{"set": "a"}]}),

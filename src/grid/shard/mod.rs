@@ -68,6 +68,8 @@ pub struct ShardContext {
     pub notify: tokio::sync::mpsc::UnboundedSender<Vec<MembershipChanged>>,
     /// Where queued webhook deliveries go once durable (the dispatcher).
     pub dispatch: tokio::sync::mpsc::UnboundedSender<super::dispatch::DispatchEvent>,
+    /// What each mapping did (counted live, not in replay).
+    pub mapping_stats: Arc<super::mappings::MappingStats>,
 }
 
 /// One shard.
@@ -441,6 +443,7 @@ impl Shard {
                 m.timestamp_ms,
                 self.limits,
                 now,
+                Some(&self.ctx.mapping_stats),
             ));
         }
         record_changes(
@@ -705,26 +708,40 @@ fn record_changes(
     touched.traits.extend(changes.iter().map(|c| c.key));
     // `{"changes": {KEY: {"from": V, "to": V}, ...}}`, keys sorted, written directly (this
     // runs for every trait change: no intermediate JSON tree).
+    // Stable: several changes of one key in a step (a message's traits, then mappings)
+    // stay in order, and become one entry from the first `from` to the last `to`.
     let mut named: Vec<(&str, &TraitChange)> = changes
         .iter()
         .map(|c| (trait_keys().name(c.key), c))
         .collect();
-    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    named.sort_by(|a, b| a.0.cmp(b.0));
     let mut props = String::with_capacity(16 + changes.len() * 48);
     props.push_str("{\"changes\":{");
-    for (i, (key, c)) in named.iter().enumerate() {
-        if let Some(v) = &c.to {
+    let mut first = true;
+    let mut rest = &named[..];
+    while let Some(((key, c), _)) = rest.split_first() {
+        let run = rest.iter().take_while(|(k, _)| k == key).count();
+        let last = rest[run - 1].1;
+        rest = &rest[run..];
+        if run > 1 && c.from == last.to {
+            continue; // back where it started: no change
+        }
+        if let Some(v) = &last.to {
             catalog.add(key, v);
         }
-        if i > 0 {
+        if !first {
             props.push(',');
         }
+        first = false;
         crate::domain::event::push_json_str(&mut props, key);
         props.push_str(":{\"from\":");
         push_json_value(&mut props, c.from.as_ref());
         props.push_str(",\"to\":");
-        push_json_value(&mut props, c.to.as_ref());
+        push_json_value(&mut props, last.to.as_ref());
         props.push('}');
+    }
+    if first {
+        return Ok(()); // every change was undone within the step
     }
     props.push_str("}}");
     let seq = next_seq.fetch_add(1, Ordering::AcqRel);
@@ -768,6 +785,7 @@ fn apply_mappings(
     ts: i64,
     limits: TraitLimits,
     now: i64,
+    stats: Option<&super::mappings::MappingStats>,
 ) -> Vec<TraitChange> {
     let name = view.get("event").and_then(|e| e.as_str()).unwrap_or("");
     let mut changes = Vec::new();
@@ -775,15 +793,26 @@ fn apply_mappings(
         let Some((updates, missing)) = mapping.updates(view, now) else {
             continue;
         };
-        if missing > 0 {
-            metrics::counter!("user360_mapping_missing_paths_total").increment(missing);
-        }
         let (c, skipped) = profile.apply_updates(&updates, ts, limits, now);
-        if skipped > 0 {
-            metrics::counter!("user360_mapping_skipped_updates_total").increment(skipped);
-        }
-        if !c.is_empty() {
-            metrics::counter!("user360_mapping_applied_total").increment(1);
+        if let Some(stats) = stats {
+            if missing > 0 {
+                metrics::counter!("user360_mapping_missing_paths_total").increment(missing);
+            }
+            if !skipped.is_empty() {
+                metrics::counter!("user360_mapping_skipped_updates_total")
+                    .increment(skipped.len() as u64);
+            }
+            if !c.is_empty() {
+                metrics::counter!("user360_mapping_applied_total").increment(1);
+            }
+            stats.record(
+                &mapping.id,
+                profile.id,
+                !c.is_empty(),
+                missing,
+                &skipped,
+                now,
+            );
         }
         changes.extend(c);
     }
@@ -853,7 +882,15 @@ fn replay(
                 && mappings.has(&e.name)
                 && let Some(view) = &parsed
             {
-                for c in apply_mappings(mappings, profile, view, e.ts_ms, limits, e.received_ms) {
+                for c in apply_mappings(
+                    mappings,
+                    profile,
+                    view,
+                    e.ts_ms,
+                    limits,
+                    e.received_ms,
+                    None,
+                ) {
                     if let Some(v) = &c.to {
                         ctx.catalog.add(trait_keys().name(c.key), v);
                     }
