@@ -1468,3 +1468,59 @@ async fn a_profile_with_traits_near_the_limit_round_trips_through_jsonl() {
     assert_eq!(p["traits"]["essay"].as_str().map(str::len), Some(200_000));
     assert_eq!(p["traits"]["plan"], "pro");
 }
+
+#[tokio::test]
+async fn csv_import_refuses_ambiguous_headers_and_open_quotes_and_lists_rejections_in_line_order() {
+    let s = Server::start().await;
+    for (header, word) in [
+        ("user_id,user_id", "repeats"),
+        ("user_id,plan,traits.plan", "repeats"),
+        ("user_id,,plan", "no name"),
+    ] {
+        let (st, v) = import(&s, "csv", format!("{header}\nu1,a,b\n").into_bytes(), false).await;
+        assert_eq!(st, 400, "{header}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(word),
+            "{header}: {v}"
+        );
+    }
+    assert_eq!(s.all_profiles().await.len(), 0, "nothing applied");
+    // Bad rows found by the parser and by the shards come back in line order; a quote left
+    // open at the end costs only its row.
+    ingest_ok(&s, "/v1/identify", json!({"userId": "sup"})).await;
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:sup?suppress=true", None)
+            .await
+            .0,
+        204
+    );
+    let body = "user_id,email,plan\n\
+                a1,,pro\n\
+                sup,,x\n\
+                ,,orphan\n\
+                a2,,team\n\
+                a3,,\"never closed\n";
+    let (st, v) = import(&s, "csv", body.as_bytes().to_vec(), false).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["imported"], 2, "{v}");
+    assert_eq!(
+        rejected(&v),
+        vec![
+            (3, "suppressed".into()),
+            (4, "missing_id".into()),
+            (6, "invalid_field".into())
+        ],
+        "{v}"
+    );
+    let msg = v["rejected"][1]["message"].as_str().unwrap();
+    assert!(msg.contains("user_id, email empty"), "{msg}");
+    assert!(
+        v["rejected"][2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never closed"),
+        "{v}"
+    );
+    assert_eq!(profile(&s, "user_id:a2").await["traits"]["plan"], "team");
+    assert_eq!(s.get("/v1/profiles/user_id:a3").await.0, 404);
+}

@@ -38,10 +38,29 @@ pub struct RowError {
 /// What a parser gives for one row.
 pub type Parsed = Result<ImportRow, RowError>;
 
-/// Adds a raw identity value if it is usable; false when it was blocked.
-fn push_identity(out: &mut Vec<Identity>, rules: &IdentityRules, ty: IdType, raw: &str) -> bool {
+/// Why a row has no identity: the values it had that could not be used.
+#[derive(Default)]
+struct IdentityNotes {
+    blocked: bool,
+    notes: Vec<String>,
+}
+
+/// Adds a raw identity value if it is usable; notes it when it is blocked or unusable.
+fn push_identity(
+    out: &mut Vec<Identity>,
+    notes: &mut IdentityNotes,
+    rules: &IdentityRules,
+    ty: IdType,
+    raw: &str,
+) {
+    let shown = crate::segment::cond::show_str(raw);
     match normalize(ty, raw) {
-        Some(v) if rules.is_blocked(ty, &v) => false,
+        Some(v) if rules.is_blocked(ty, &v) => {
+            notes.blocked = true;
+            notes
+                .notes
+                .push(format!("{} {shown} is a blocked value", ty.name()));
+        }
         Some(v) => {
             let id = Identity {
                 ty,
@@ -50,26 +69,40 @@ fn push_identity(out: &mut Vec<Identity>, rules: &IdentityRules, ty: IdType, raw
             if !out.contains(&id) {
                 out.push(id);
             }
-            true
         }
-        None => true,
+        None if raw.trim().is_empty() => {}
+        None => notes.notes.push(format!(
+            "{} {shown} is not a usable {}",
+            ty.name(),
+            ty.name()
+        )),
     }
 }
 
-fn no_identity(line: u64, blocked: bool) -> RowError {
-    if blocked {
+fn no_identity(line: u64, notes: &IdentityNotes, empty: &[String]) -> RowError {
+    let mut why = notes.notes.clone();
+    if !empty.is_empty() {
+        why.push(format!("{} empty", empty.join(", ")));
+    }
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", why.join("; "))
+    };
+    if notes.blocked {
         RowError {
             line,
             code: ErrorCode::BlockedId,
-            message: "every identity of the row is a blocked value".into(),
+            message: format!("every identity of the row is a blocked value{why}"),
         }
     } else {
         RowError {
             line,
             code: ErrorCode::MissingId,
-            message:
-                "the row has no identity (user_id, email, phone, anonymous_id or identity:<type>)"
-                    .into(),
+            message: format!(
+                "the row has no identity (user_id, email, phone, anonymous_id or \
+                 identity:<type>){why}"
+            ),
         }
     }
 }
@@ -190,7 +223,7 @@ fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
         ));
     };
     let mut identities = Vec::new();
-    let mut blocked = false;
+    let mut notes = IdentityNotes::default();
     match obj.get("identities") {
         None | Some(Json::Null) => {}
         Some(Json::Array(items)) => {
@@ -217,7 +250,13 @@ fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
                         format!("identities[{i}].type {ty:?} must match [a-z0-9_.]{{1,64}}"),
                     ));
                 }
-                blocked |= !push_identity(&mut identities, rules, IdType::named(ty), &value);
+                push_identity(
+                    &mut identities,
+                    &mut notes,
+                    rules,
+                    IdType::named(ty),
+                    &value,
+                );
             }
         }
         Some(other) => {
@@ -244,7 +283,7 @@ fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
         }
     };
     if identities.is_empty() {
-        return Err(no_identity(line, blocked));
+        return Err(no_identity(line, &notes, &[]));
     }
     Ok(ImportRow {
         line,
@@ -298,10 +337,58 @@ fn set_path(traits: &mut Map<String, Json>, path: &[String], v: Json) {
 /// ahead, and its own line count and offsets treat a CRLF inside or after a record
 /// unevenly). Only the breaks not yet passed are kept: memory is bounded by the reader's
 /// look-ahead.
+///
+/// It also keeps the raw bytes from the start of the record being read (the `Tail`), so
+/// the last record can be checked for a quote left open at the end of the body, and so a
+/// record growing past `max_row` bytes (an unterminated quote swallowing the rest of the
+/// file) stops the import instead of filling memory.
 struct LineTracker<R> {
     inner: R,
     offset: u64,
     newlines: Rc<RefCell<VecDeque<(u64, bool)>>>,
+    tail: Rc<RefCell<Tail>>,
+    max_row: usize,
+}
+
+/// Raw bytes of the body from the current record on (with the reader's look-ahead), and
+/// whether the body has ended. `bytes[0]` is at body offset `base`; the current record
+/// starts at `bytes[head]` (passed bytes are dropped in bulk, not per record).
+#[derive(Default)]
+struct Tail {
+    base: u64,
+    head: usize,
+    bytes: Vec<u8>,
+    eof: bool,
+}
+
+impl Tail {
+    /// Body offset where the current record starts.
+    fn start(&self) -> u64 {
+        self.base + self.head as u64
+    }
+
+    /// Bytes of the current record and the look-ahead.
+    fn pending(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    /// The raw bytes between two body offsets (clamped to what is kept).
+    fn slice(&self, from: u64, to: u64) -> &[u8] {
+        let at = |o: u64| (o.saturating_sub(self.base) as usize).min(self.bytes.len());
+        &self.bytes[at(from).max(self.head)..at(to).max(self.head)]
+    }
+
+    /// Moves the record start to `offset` (a record boundary the reader has passed).
+    fn trim_to(&mut self, offset: u64) {
+        self.head = (offset.saturating_sub(self.base) as usize)
+            .min(self.bytes.len())
+            .max(self.head);
+        if self.head >= 1 << 16 && self.head * 2 >= self.bytes.len() {
+            self.bytes.drain(..self.head);
+            self.base += self.head as u64;
+            self.head = 0;
+        }
+    }
 }
 
 impl<R: Read> Read for LineTracker<R> {
@@ -314,8 +401,51 @@ impl<R: Read> Read for LineTracker<R> {
             }
         }
         self.offset += n as u64;
+        let mut tail = self.tail.borrow_mut();
+        // The reader asks for more only once its buffer is used up, every record before the
+        // current one returned (and trimmed): what is pending is the current record so far.
+        if tail.pending() > self.max_row {
+            return Err(std::io::Error::other(RowTooLong(self.max_row)));
+        }
+        tail.bytes.extend_from_slice(&buf[..n]);
+        tail.eof |= n == 0 && !buf.is_empty();
         Ok(n)
     }
+}
+
+/// A record longer than the row limit.
+#[derive(Debug, thiserror::Error)]
+#[error("a row is longer than {0} bytes; is a quote left open? (the rest of the body is not read)")]
+struct RowTooLong(usize);
+
+/// Whether a record's raw bytes end inside a quoted cell (a quote never closed before the
+/// end of the body), read the way the csv crate reads: a cell is quoted when it starts with
+/// `"`, `""` inside it is a quote, and a quote elsewhere is text.
+fn ends_in_open_quote(raw: &[u8]) -> bool {
+    let mut i = 0;
+    let mut at_cell_start = true;
+    while i < raw.len() {
+        let b = raw[i];
+        if at_cell_start && b == b'"' {
+            i += 1;
+            loop {
+                match raw.get(i) {
+                    None => return true,
+                    Some(b'"') if raw.get(i + 1) == Some(&b'"') => i += 2,
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            at_cell_start = false;
+            continue;
+        }
+        at_cell_start = matches!(b, b',' | b'\n' | b'\r');
+        i += 1;
+    }
+    false
 }
 
 /// Physical line numbers of increasing byte offsets.
@@ -350,9 +480,11 @@ impl LineCounter {
 pub fn parse_csv(
     body: impl Read,
     rules: &IdentityRules,
+    max_row_bytes: usize,
     mut emit: impl FnMut(Parsed) -> bool,
 ) -> Result<(), RowError> {
     let newlines = Rc::new(RefCell::new(VecDeque::new()));
+    let tail = Rc::new(RefCell::new(Tail::default()));
     let mut lines = LineCounter {
         newlines: newlines.clone(),
         passed: 0,
@@ -364,21 +496,58 @@ pub fn parse_csv(
             inner: body,
             offset: 0,
             newlines,
+            tail: tail.clone(),
+            max_row: max_row_bytes,
         });
     let mut columns: Option<Vec<Column>> = None;
     let mut record = csv::StringRecord::new();
     loop {
         let read = reader.read_record(&mut record);
-        let line = record.position().map_or(0, |p| lines.line_of(p.byte()));
+        let start = tail.borrow().start();
+        let line = match &read {
+            Ok(true) => record.position().map_or(0, |p| lines.line_of(p.byte())),
+            // Where the record being read began.
+            _ => lines.line_of(start),
+        };
         match read {
             Ok(false) => return Ok(()),
-            Ok(true) => {}
+            Ok(true) => {
+                let begin = record.position().map_or(start, |p| p.byte());
+                let end = reader.position().byte();
+                let mut t = tail.borrow_mut();
+                let open = t.eof && ends_in_open_quote(t.slice(begin, end));
+                t.trim_to(end);
+                drop(t);
+                if open {
+                    let err = RowError {
+                        line,
+                        code: ErrorCode::InvalidField,
+                        message: "a quoted cell is never closed: the row runs to the end of the \
+                                  body"
+                            .into(),
+                    };
+                    if columns.is_none() {
+                        return Err(err);
+                    }
+                    let _ = emit(Err(err));
+                    return Ok(());
+                }
+            }
             Err(e) => {
                 let line = e.position().map_or(line, |p| lines.line_of(p.byte()));
+                let message = match e.kind() {
+                    csv::ErrorKind::Io(io) => {
+                        match io.get_ref().and_then(|i| i.downcast_ref::<RowTooLong>()) {
+                            Some(long) => long.to_string(),
+                            None => format!("cannot read the body: {io}"),
+                        }
+                    }
+                    _ => format!("unreadable CSV: {e}"),
+                };
                 let err = RowError {
                     line,
                     code: ErrorCode::InvalidField,
-                    message: format!("unreadable CSV: {e}"),
+                    message,
                 };
                 if columns.is_none() {
                     return Err(err);
@@ -395,8 +564,16 @@ pub fn parse_csv(
         }
         let Some(cols) = &columns else {
             let mut cols = Vec::with_capacity(record.len());
+            let mut names: Vec<(String, usize)> = Vec::with_capacity(record.len());
             for (i, h) in record.iter().enumerate() {
                 let h = h.trim();
+                if h.is_empty() {
+                    return Err(RowError {
+                        line,
+                        code: ErrorCode::InvalidField,
+                        message: format!("header column {} has no name", i + 1),
+                    });
+                }
                 let field = if h.starts_with("traits.")
                     || h.starts_with("identity:")
                     || matches!(h, "id" | "user_id" | "email" | "phone" | "anonymous_id")
@@ -405,6 +582,22 @@ pub fn parse_csv(
                 } else {
                     Field::parse(&format!("traits.{h}"))
                 };
+                // `plan` and `traits.plan` name the same trait.
+                if let Ok(f) = &field {
+                    let name = f.name();
+                    if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
+                        return Err(RowError {
+                            line,
+                            code: ErrorCode::InvalidField,
+                            message: format!(
+                                "header column {} {h:?} repeats column {first} ({name}): each \
+                                 field may have one column",
+                                i + 1
+                            ),
+                        });
+                    }
+                    names.push((name, i + 1));
+                }
                 cols.push(match field {
                     Ok(Field::Id) => Column::Ignored,
                     Ok(Field::Identity(ty)) => Column::Identity(ty),
@@ -422,7 +615,7 @@ pub fn parse_csv(
             continue;
         };
         let mut identities = Vec::new();
-        let mut blocked = false;
+        let mut notes = IdentityNotes::default();
         let mut traits = Map::new();
         for (cell, col) in record.iter().zip(cols.iter()) {
             if cell.is_empty() {
@@ -436,7 +629,7 @@ pub fn parse_csv(
                             .strip_prefix('\'')
                             .filter(|r| r.starts_with(['=', '+', '-', '@', '\t', '\r']))
                             .unwrap_or(part);
-                        blocked |= !push_identity(&mut identities, rules, *ty, part);
+                        push_identity(&mut identities, &mut notes, rules, *ty, part);
                     }
                 }
                 Column::Trait(path) => set_path(&mut traits, path, csv_value(cell)),
@@ -453,7 +646,17 @@ pub fn parse_csv(
                 ),
             })
         } else if identities.is_empty() {
-            Err(no_identity(line, blocked))
+            let empty: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| match c {
+                    Column::Identity(ty) if record.get(i).is_none_or(|v| v.trim().is_empty()) => {
+                        Some(ty.name().to_owned())
+                    }
+                    _ => None,
+                })
+                .collect();
+            Err(no_identity(line, &notes, &empty))
         } else {
             Ok(ImportRow {
                 line,
@@ -478,7 +681,7 @@ mod tests {
 
     fn rows_csv(text: &str) -> Vec<Parsed> {
         let mut out = Vec::new();
-        parse_csv(text.as_bytes(), &rules(), |r| {
+        parse_csv(text.as_bytes(), &rules(), 1 << 20, |r| {
             out.push(r);
             true
         })
@@ -552,9 +755,12 @@ mod tests {
 
     #[test]
     fn a_bad_header_is_an_error_of_the_whole_import() {
-        let e = parse_csv("user_id,identity:Bad\nu1,x\n".as_bytes(), &rules(), |_| {
-            true
-        })
+        let e = parse_csv(
+            "user_id,identity:Bad\nu1,x\n".as_bytes(),
+            &rules(),
+            1 << 20,
+            |_| true,
+        )
         .unwrap_err();
         assert_eq!(e.line, 1);
         assert!(e.message.contains("identity:Bad"), "{e:?}");
@@ -607,5 +813,67 @@ mod tests {
             );
         }
         assert_eq!(out[1].as_ref().unwrap().line, 2);
+    }
+
+    #[test]
+    fn a_quote_left_open_at_the_end_rejects_its_row_only() {
+        for eol in ["\n", ""] {
+            let text = format!("user_id,plan\nx1,ok\nx2,\"unterminated\nx3,lost{eol}");
+            let rows = rows_csv(&text);
+            assert_eq!(rows.len(), 2, "{rows:?}");
+            assert_eq!(rows[0].as_ref().unwrap().line, 2);
+            let e = rows[1].as_ref().unwrap_err();
+            assert_eq!((e.line, e.code), (3, ErrorCode::InvalidField));
+            assert!(e.message.contains("never closed"), "{e:?}");
+        }
+        // Closed quotes, doubled quotes and a quote inside an unquoted cell are fine.
+        let rows = rows_csv("user_id,plan\nx1,\"a \"\"b\"\" c\"\nx2,ab\"c\nx3,\"multi\nline\"");
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.is_ok()), "{rows:?}");
+        assert_eq!(rows[2].as_ref().unwrap().traits["plan"], "multi\nline");
+    }
+
+    #[test]
+    fn a_row_longer_than_the_limit_stops_the_import_there() {
+        let text = format!("user_id,plan\nx1,ok\nx2,\"{}", "y".repeat(5000));
+        let mut out = Vec::new();
+        let r = parse_csv(text.as_bytes(), &rules(), 1000, |r| {
+            out.push(r);
+            true
+        });
+        assert!(r.is_ok());
+        assert_eq!(out.len(), 2, "{out:?}");
+        let e = out[1].as_ref().unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("longer than 1000 bytes"), "{e:?}");
+    }
+
+    #[test]
+    fn header_columns_need_names_and_may_not_repeat() {
+        for (header, words) in [
+            ("user_id,user_id", vec!["column 2", "repeats column 1"]),
+            ("user_id,traits.a,a", vec!["column 3", "repeats column 2"]),
+            ("user_id,,b", vec!["column 2", "no name"]),
+        ] {
+            let e = parse_csv(
+                format!("{header}\nu1,x,y\n").as_bytes(),
+                &rules(),
+                1 << 20,
+                |_| true,
+            )
+            .unwrap_err();
+            assert_eq!(e.line, 1);
+            for w in words {
+                assert!(e.message.contains(w), "{header}: {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_without_identity_says_what_it_had() {
+        let rows = rows_csv("user_id,email,plan\n,,pro\n, ,x\n");
+        let e = rows[0].as_ref().unwrap_err();
+        assert_eq!(e.code, ErrorCode::MissingId);
+        assert!(e.message.contains("user_id, email empty"), "{e:?}");
     }
 }

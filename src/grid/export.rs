@@ -453,7 +453,7 @@ impl Grid {
                 Box::new(chunks)
             };
             let result = match format {
-                ImportFormat::Csv => parse_csv(reader, &rules, &mut emit),
+                ImportFormat::Csv => parse_csv(reader, &rules, max_line, &mut emit),
                 ImportFormat::Jsonl => {
                     parse_jsonl(reader, &rules, max_line, &mut emit).map_err(|e| RowError {
                         line: 0,
@@ -526,6 +526,9 @@ impl Grid {
                 ));
             }
         }
+        // Rows are rejected by the parser as read and by the shards as applied: listed in
+        // line order.
+        answer.rejected.sort_by_key(|r| r.line);
         metrics::counter!("user360_import_rows_total", "outcome" => "imported")
             .increment(answer.imported);
         metrics::counter!("user360_import_rows_total", "outcome" => "rejected")
