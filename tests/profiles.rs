@@ -605,3 +605,30 @@ async fn wrong_methods_and_unlabelled_gzip_get_json_errors() {
     );
     assert_eq!(v["path"], Value::Null);
 }
+
+#[tokio::test]
+async fn paths_and_queries_that_are_not_utf8_get_json_errors_naming_them() {
+    let s = Server::start().await;
+    for (method, path, named) in [
+        ("DELETE", "/v1/profiles/user_id:%FF", "path"),
+        ("GET", "/v1/profiles/user_id:%C3%28", "path"),
+        ("GET", "/v1/mappings/%FF", "path"),
+        ("GET", "/v1/segments/%FF/members", "path"),
+        (
+            "GET",
+            "/v1/export/profiles?format=csv&fields=traits.%FF",
+            "fields",
+        ),
+        ("GET", "/v1/events?name=%FF", "name"),
+        ("GET", "/v1/profiles?limit=%FF", "limit"),
+    ] {
+        let (st, v) = s.admin(method, path, None).await;
+        assert_eq!(st, 400, "{method} {path}: {v}");
+        assert_eq!(v["code"], "invalid_field", "{path}: {v}");
+        assert_eq!(v["path"], named, "{path}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("UTF-8"),
+            "{path}: {v}"
+        );
+    }
+}

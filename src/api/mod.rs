@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod extract;
 pub mod ingest;
 pub mod mappings;
 pub mod ops;
