@@ -76,6 +76,10 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// Imports profiles from a CSV or JSONL file into a running server.
+    ///
+    /// Prints the server's answer as JSON on stdout and a summary with the rejected rows
+    /// (by line) on stderr. Exit status: 0 when every row was imported, 3 when some rows
+    /// were rejected (the others are imported), 1 when the import failed as a whole.
     Import {
         /// The file (.csv or .jsonl, or give --format).
         file: PathBuf,
@@ -124,6 +128,12 @@ enum SnapshotAction {
         data_dir: PathBuf,
     },
 }
+
+/// Rejected rows `user360 import` prints on stderr.
+const REJECTED_SHOWN: usize = 20;
+
+/// Exit status of `user360 import` when some rows were rejected (the others imported).
+const EXIT_ROWS_REJECTED: i32 = 3;
 
 fn main() -> anyhow::Result<()> {
     tune_allocator();
@@ -204,7 +214,30 @@ fn main() -> anyhow::Result<()> {
                 &file,
                 format.as_deref(),
             ))?;
+            // The answer as JSON on stdout (for scripts), a summary on stderr (for people).
             println!("{answer}");
+            let imported = answer["imported"].as_u64().unwrap_or(0);
+            let rejected = answer["rejected_total"].as_u64().unwrap_or(0);
+            eprintln!("imported {imported} rows; {rejected} rejected");
+            let listed = answer["rejected"].as_array().cloned().unwrap_or_default();
+            for r in listed.iter().take(REJECTED_SHOWN) {
+                eprintln!(
+                    "  line {}: {}: {}",
+                    r["line"],
+                    r["code"].as_str().unwrap_or("?"),
+                    r["message"].as_str().unwrap_or("")
+                );
+            }
+            if rejected > REJECTED_SHOWN as u64 {
+                eprintln!(
+                    "  ... and {} more (the JSON answer on stdout lists the first {})",
+                    rejected - REJECTED_SHOWN as u64,
+                    listed.len()
+                );
+            }
+            if rejected > 0 {
+                std::process::exit(EXIT_ROWS_REJECTED);
+            }
             Ok(())
         }
         Command::Snapshot { action } => match action {

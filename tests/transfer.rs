@@ -616,6 +616,40 @@ async fn cli_export_and_import_move_profiles_between_servers() {
     let text = std::fs::read_to_string(&csv_file).unwrap();
     assert!(text.starts_with("user_id\r\nuser-"), "{text:.80}");
     assert_eq!(text.lines().count(), 301);
+    // The whole CSV: cells with line breaks do not count as rows.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args([
+            "export",
+            "--server",
+            &a.url,
+            "--token",
+            &a.admin_token,
+            "-o",
+        ])
+        .arg(&csv_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exported 300 profiles"), "{err}");
+    assert!(std::fs::read_to_string(&csv_file).unwrap().lines().count() > 400);
+    // An import with bad rows imports the others, lists the bad ones by line on stderr
+    // and exits 3.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "user_id,plan\nc1,pro\n,orphan\nc2,team\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args(["import", "--server", &b.url, "--token", &b.admin_token])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("imported 2 rows; 1 rejected") && err.contains("line 3: missing_id"),
+        "{err}"
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["rejected"][0]["line"], 3);
 }
 
 // -------------------------------------------------------------------------------------

@@ -76,24 +76,60 @@ pub async fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let mut rows = 0u64;
-    let mut header_seen = format != "csv";
+    let mut rows = RowCounter::new(format == "csv");
     let mut stream = r.bytes_stream();
     while let Some(chunk) = stream.next().await {
         // A cut export never looks complete: the server aborts the response on an error.
         let chunk = chunk.context("the export was cut off; the output is incomplete")?;
         sink.write_all(&chunk)?;
-        let mut n = chunk.iter().filter(|b| **b == b'\n').count() as u64;
-        if !header_seen && n > 0 {
-            header_seen = true;
-            n -= 1;
-        }
-        rows += n;
-        bar.inc(n);
+        bar.inc(rows.feed(&chunk));
     }
     sink.flush()?;
     bar.finish_with_message("done");
-    Ok(rows)
+    Ok(rows.rows)
+}
+
+/// Counts the rows of an export as it streams by: JSONL lines, or CSV records after the
+/// header (a line break inside a quoted cell is not the end of a record).
+pub struct RowCounter {
+    csv: bool,
+    in_quotes: bool,
+    header_seen: bool,
+    /// Rows seen so far.
+    pub rows: u64,
+}
+
+impl RowCounter {
+    /// A counter for CSV (`csv`) or JSONL.
+    pub fn new(csv: bool) -> RowCounter {
+        RowCounter {
+            csv,
+            in_quotes: false,
+            header_seen: !csv,
+            rows: 0,
+        }
+    }
+
+    /// Counts the rows a chunk ends; answers how many.
+    pub fn feed(&mut self, chunk: &[u8]) -> u64 {
+        let mut n = 0;
+        for &b in chunk {
+            match b {
+                // `""` inside a quoted cell toggles twice: still inside.
+                b'"' if self.csv => self.in_quotes = !self.in_quotes,
+                b'\n' if !self.in_quotes => {
+                    if self.header_seen {
+                        n += 1;
+                    } else {
+                        self.header_seen = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.rows += n;
+        n
+    }
 }
 
 /// `import FILE [--format csv|jsonl]`: streams the file to the server (format from the
@@ -172,5 +208,23 @@ mod tokio_util_like {
                 Err(e) => Some((Err(e), f)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowCounter;
+
+    #[test]
+    fn csv_rows_are_records_not_lines() {
+        let text = b"id,note\n1,\"two\nlines\"\n2,\"say \"\"hi\"\"\nthere\"\n3,plain\n";
+        let mut whole = RowCounter::new(true);
+        assert_eq!(whole.feed(text), 3);
+        // The same, a byte at a time (chunks split anywhere).
+        let mut bytes = RowCounter::new(true);
+        let n: u64 = text.iter().map(|b| bytes.feed(&[*b])).sum();
+        assert_eq!((n, bytes.rows), (3, 3));
+        let mut jsonl = RowCounter::new(false);
+        assert_eq!(jsonl.feed(b"{\"a\":\"x\\ny\"}\n{}\n"), 2);
     }
 }
