@@ -543,24 +543,32 @@ async fn exports_take_fields_segments_and_event_filters() {
     assert_eq!(teams[0]["profile_id"], user5["id"]);
 }
 
+/// Runs the `user360` CLI with `args` and then `path`.
+fn user360(args: &[&str], path: impl AsRef<std::path::Path>) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
+        .args(args)
+        .arg(path.as_ref())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn cli_export_and_import_move_profiles_between_servers() {
     let a = Server::start().await;
     seed(&a).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("people.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args([
+    let out = user360(
+        &[
             "export",
             "--server",
             &a.url,
             "--token",
             &a.admin_token,
             "-o",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
+        ],
+        &file,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -568,11 +576,10 @@ async fn cli_export_and_import_move_profiles_between_servers() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("exported 300 profiles"));
     let b = Server::start().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args(["import", "--server", &b.url, "--token", &b.admin_token])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = user360(
+        &["import", "--server", &b.url, "--token", &b.admin_token],
+        &file,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -585,17 +592,16 @@ async fn cli_export_and_import_move_profiles_between_servers() {
         by_user(&export_jsonl(&a, "/v1/export/profiles?format=jsonl").await)
     );
     // A wrong token is a clear failure, not an empty file.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args(["export", "--server", &a.url, "--token", "wrong", "-o"])
-        .arg(dir.path().join("x.csv"))
-        .output()
-        .unwrap();
+    let out = user360(
+        &["export", "--server", &a.url, "--token", "wrong", "-o"],
+        dir.path().join("x.csv"),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     // The format follows the output file's extension: a .csv file gets CSV.
     let csv_file = dir.path().join("people.csv");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args([
+    let out = user360(
+        &[
             "export",
             "--server",
             &a.url,
@@ -604,10 +610,9 @@ async fn cli_export_and_import_move_profiles_between_servers() {
             "--fields",
             "user_id",
             "-o",
-        ])
-        .arg(&csv_file)
-        .output()
-        .unwrap();
+        ],
+        &csv_file,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -617,18 +622,17 @@ async fn cli_export_and_import_move_profiles_between_servers() {
     assert!(text.starts_with("user_id\r\nuser-"), "{text:.80}");
     assert_eq!(text.lines().count(), 301);
     // The whole CSV: cells with line breaks do not count as rows.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args([
+    let out = user360(
+        &[
             "export",
             "--server",
             &a.url,
             "--token",
             &a.admin_token,
             "-o",
-        ])
-        .arg(&csv_file)
-        .output()
-        .unwrap();
+        ],
+        &csv_file,
+    );
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exported 300 profiles"), "{err}");
@@ -637,11 +641,10 @@ async fn cli_export_and_import_move_profiles_between_servers() {
     // and exits 3.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "user_id,plan\nc1,pro\n,orphan\nc2,team\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_user360"))
-        .args(["import", "--server", &b.url, "--token", &b.admin_token])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = user360(
+        &["import", "--server", &b.url, "--token", &b.admin_token],
+        &bad,
+    );
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

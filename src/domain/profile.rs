@@ -463,43 +463,35 @@ impl Profile {
                     .and_then(|s| self.trait_value(s))
                     .map(Value::to_json)
             };
+            // An increment or append computes its value from the current one, and cannot
+            // when that is of another kind: skipped, with what it holds.
             let (key, value, time) = match u {
                 Update::Set(k, v) => (k, v.clone(), TraitTime::Event(ts)),
-                Update::Increment(k, by, int) => {
+                Update::Increment(k, ..) | Update::Append(k, _) => {
                     let now_value = current(k);
-                    match incremented(now_value.as_ref(), *by, *int) {
-                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
-                        None => {
-                            skipped.push(SkippedUpdate::new(
-                                k,
-                                format!(
-                                    "cannot increment {k:?}: it holds {}, not a number",
-                                    crate::segment::cond::show(
-                                        now_value.as_ref().unwrap_or(&serde_json::Value::Null)
-                                    )
-                                ),
-                            ));
-                            continue;
+                    let (next, verb, kind) = match u {
+                        Update::Increment(_, by, int) => (
+                            incremented(now_value.as_ref(), *by, *int),
+                            "increment",
+                            "a number",
+                        ),
+                        Update::Append(_, items) => {
+                            (appended(now_value.as_ref(), items), "append to", "a list")
                         }
-                    }
-                }
-                Update::Append(k, items) => {
-                    let now_value = current(k);
-                    match appended(now_value.as_ref(), items) {
-                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
-                        None => {
-                            skipped.push(SkippedUpdate::new(
-                                k,
-                                format!(
-                                    "cannot append to {k:?}: it holds {}, not a list",
-                                    crate::segment::cond::show(
-                                        now_value.as_ref().unwrap_or(&serde_json::Value::Null)
-                                    )
-                                ),
-                            ));
-                            continue;
-                        }
-                    }
+                        Update::Set(..) => unreachable!("matched above"),
+                    };
+                    let Some(v) = next else {
+                        let held = now_value.unwrap_or(serde_json::Value::Null);
+                        skipped.push(SkippedUpdate::new(
+                            k,
+                            format!(
+                                "cannot {verb} {k:?}: it holds {}, not {kind}",
+                                crate::segment::cond::show(&held)
+                            ),
+                        ));
+                        continue;
+                    };
+                    (k, Some(v), TraitTime::Now(ts))
                 }
             };
             let mut one = serde_json::Map::with_capacity(1);
