@@ -123,7 +123,7 @@ pub async fn run(
     if settings.mappings_file.exists() {
         crate::grid::mappings::check_file(
             &settings.mappings_file,
-            settings.ingest.max_trait_bytes,
+            (settings.ingest.max_trait_bytes, settings.ingest.max_depth),
         )?;
     }
     std::fs::create_dir_all(&settings.data_dir)

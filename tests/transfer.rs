@@ -1561,3 +1561,168 @@ async fn csv_import_refuses_ambiguous_headers_and_open_quotes_and_lists_rejectio
     assert_eq!(profile(&s, "user_id:a2").await["traits"]["plan"], "team");
     assert_eq!(s.get("/v1/profiles/user_id:a3").await.0, 404);
 }
+
+/// `{"k": {"k": ... "leaf" ...}}` nested `levels` objects deep.
+fn nested(levels: usize) -> Value {
+    let mut v = json!("leaf");
+    for _ in 0..levels {
+        v = json!({ "k": v });
+    }
+    v
+}
+
+#[tokio::test]
+async fn imports_keep_ids_as_written_merge_csv_leaves_and_round_trip_deep_traits() {
+    let a = Server::start().await;
+    // PATCH: a blocked value is no key; a blank one names no profile, and says so.
+    let (st, v) = a
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:null/traits",
+            Some(&json!({"a": 1})),
+        )
+        .await;
+    assert_eq!(
+        (st, &v["code"], &v["path"]),
+        (400, &json!("blocked_id"), &json!("key")),
+        "{v}"
+    );
+    let (st, v) = a
+        .admin(
+            "PATCH",
+            "/v1/profiles/email:%20/traits",
+            Some(&json!({"a": 1})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("blank"), "{v}");
+    assert_eq!(a.all_profiles().await.len(), 0);
+
+    // JSONL: numeric ids as written, a BOM before line 1, a null identity value skipped.
+    let body = "\u{feff}{\"identities\":[{\"type\":\"user_id\",\"value\":12345678901234567890123}],\"traits\":{\"n\":1}}\n\
+                {\"identities\":[{\"type\":\"user_id\",\"value\":1.50},{\"type\":\"email\",\"value\":null}]}\n";
+    let v = import_ok(&a, "jsonl", body).await;
+    assert_eq!(
+        (&v["imported"], &v["rejected"]),
+        (&json!(2), &json!([])),
+        "{v}"
+    );
+    assert_eq!(
+        profile(&a, "user_id:12345678901234567890123").await["traits"]["n"],
+        1
+    );
+    assert_eq!(a.get("/v1/profiles/user_id:1.50").await.0, 200);
+
+    // A trait nested as deep as a PATCH allows exports and imports back.
+    let mut body = serde_json::Map::new();
+    body.insert("deep".into(), nested(62));
+    let (st, v) = a
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:deep/traits",
+            Some(&Value::Object(body)),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, exported) = text(&a, "/v1/export/profiles?format=jsonl").await;
+    let b = Server::start().await;
+    let v = import_ok(&b, "jsonl", &exported).await;
+    assert_eq!(
+        (&v["imported"], &v["rejected"]),
+        (&json!(3), &json!([])),
+        "{v}"
+    );
+    assert_eq!(
+        profile(&b, "user_id:deep").await["traits"]["deep"],
+        nested(62)
+    );
+    // ...and a mapping value deeper than a trait may be is refused.
+    let (st, v) = b
+        .admin(
+            "POST",
+            "/v1/mappings",
+            Some(&json!({"event": "E", "actions": [{"set": "x", "value": nested(80)}]})),
+        )
+        .await;
+    assert_eq!(
+        (st, &v["code"], &v["path"]),
+        (400, &json!("too_deep"), &json!("actions[0].value")),
+        "{v}"
+    );
+
+    // CSV cells are leaves: an empty one leaves its leaf, a set one changes only its leaf.
+    let (st, _) = b
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:addr-1/traits",
+            Some(&json!({"addr": {"city": "Paris", "zip": "75001", "geo": {"lat": 1}}, "plan": "pro"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let v = import_ok(
+        &b,
+        "csv",
+        "user_id,traits.addr.city,traits.addr.zip,traits.addr.geo.lon,traits.plan\naddr-1,Lyon,,2,\n",
+    )
+    .await;
+    assert_eq!(v["imported"], 1, "{v}");
+    assert_eq!(
+        profile(&b, "user_id:addr-1").await["traits"],
+        json!({"addr": {"city": "Lyon", "zip": "75001", "geo": {"lat": 1, "lon": "2"}}, "plan": "pro"})
+    );
+
+    // A gzip body cut short: the rows before it are in, the rest is reported as a bad body.
+    let mut rows = String::from("user_id,plan\n");
+    for i in 0..20_000 {
+        rows.push_str(&format!("cut-{i},p{}\n", i % 7));
+    }
+    let gz = gzip(rows.as_bytes());
+    let (st, v) = import(&b, "csv", gz[..gz.len() * 6 / 10].to_vec(), true).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["imported"].as_u64().unwrap() > 1000, "{v}");
+    let last = v["rejected"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["code"], "invalid_body", "{v}");
+    let (st, v) = import(&b, "jsonl", b"\x1f\x8b\x08garbage".to_vec(), true).await;
+    assert_eq!((st, &v["code"]), (400, &json!("invalid_body")), "{v}");
+}
+
+#[tokio::test]
+async fn links_refused_for_an_import_row_are_listed_in_the_merges_and_survive_a_restart() {
+    let mut s = Server::start().await;
+    for (u, e) in [("lim-a", "a@lim.com"), ("lim-b", "b@lim.com")] {
+        ingest_ok(
+            &s,
+            "/v1/identify",
+            json!({"userId": u, "traits": {"email": e}}),
+        )
+        .await;
+    }
+    // The row would join two known users: the email link is refused, the row applied.
+    let v = import_ok(&s, "csv", "user_id,email,plan\nlim-a,b@lim.com,pro\n").await;
+    assert_eq!(
+        (&v["imported"], &v["rejected"]),
+        (&json!(1), &json!([])),
+        "{v}"
+    );
+    let check = |merges: Value| {
+        let list = merges["merges"].as_array().unwrap().clone();
+        let refused: Vec<&Value> = list.iter().filter(|m| m["type"] == "refused").collect();
+        assert_eq!(refused.len(), 1, "{merges}");
+        assert_eq!(refused[0]["cause"], "import:line 2");
+        assert_eq!(
+            refused[0]["identities"],
+            json!([{"type": "email", "value": "b@lim.com"}])
+        );
+    };
+    check(s.get("/v1/profiles/user_id:lim-a/merges").await.1);
+    assert_eq!(profile(&s, "user_id:lim-a").await["traits"]["plan"], "pro");
+    assert_eq!(
+        profile(&s, "email:b@lim.com").await["id"],
+        profile(&s, "user_id:lim-b").await["id"]
+    );
+    let dir = s.keep_dir();
+    s.kill9();
+    let s = Server::start_in(&s.data_dir, Opts::default()).await;
+    check(s.get("/v1/profiles/user_id:lim-a/merges").await.1);
+    drop(dir);
+}

@@ -114,6 +114,15 @@ pub enum ProfileKey {
 }
 
 impl ProfileKey {
+    /// The key as a message shows it (`user_id:"u-42"`).
+    pub fn describe(&self) -> String {
+        match self {
+            ProfileKey::Id(id) => format!("id:{id}"),
+            ProfileKey::Identity(i) => format!("{}:{:?}", i.ty.name(), &*i.value),
+            ProfileKey::Nothing => "given: its value is blank or malformed for its type".into(),
+        }
+    }
+
     /// Parses a (URL-decoded) key, split at the first `:`.
     pub fn parse(key: &str) -> Result<ProfileKey, crate::error::Problem> {
         let Some((ty, value)) = key.split_once(':') else {

@@ -482,13 +482,12 @@ impl Profile {
                     };
                     let Some(v) = next else {
                         let held = now_value.unwrap_or(serde_json::Value::Null);
-                        skipped.push(SkippedUpdate::new(
-                            k,
-                            format!(
-                                "cannot {verb} {k:?}: it holds {}, not {kind}",
-                                crate::segment::cond::show(&held)
-                            ),
-                        ));
+                        let why = if held.is_number() && matches!(u, Update::Increment(..)) {
+                            format!("the result would overflow (it holds {held})")
+                        } else {
+                            format!("it holds {}, not {kind}", crate::segment::cond::show(&held))
+                        };
+                        skipped.push(SkippedUpdate::new(k, format!("cannot {verb} {k:?}: {why}")));
                         continue;
                     };
                     (k, Some(v), TraitTime::Now(ts))

@@ -113,6 +113,7 @@ pub fn parse_jsonl(
     body: impl Read,
     rules: &IdentityRules,
     max_line_bytes: usize,
+    max_depth: usize,
     mut emit: impl FnMut(Parsed) -> bool,
 ) -> std::io::Result<()> {
     use std::io::BufRead;
@@ -123,9 +124,25 @@ pub fn parse_jsonl(
         buf.clear();
         // At most one byte past the limit is kept: a longer line is skipped to its end
         // without being held in memory.
-        let n = (&mut reader)
+        let n = match (&mut reader)
             .take(max_line_bytes as u64 + 1)
-            .read_until(b'\n', &mut buf)?;
+            .read_until(b'\n', &mut buf)
+        {
+            Ok(n) => n,
+            // A corrupt or cut (gzip) body: reported at the line it stopped in (before any
+            // line, the whole import fails).
+            Err(e) if line == 0 => return Err(e),
+            Err(e) => {
+                emit(Err(RowError {
+                    line: line + 1,
+                    code: ErrorCode::InvalidBody,
+                    message: format!(
+                        "cannot read the body from here on: {e} (the rows before are imported)"
+                    ),
+                }));
+                return Ok(());
+            }
+        };
         if n == 0 {
             return Ok(());
         }
@@ -145,7 +162,12 @@ pub fn parse_jsonl(
             }
             continue;
         }
-        let text = match std::str::from_utf8(&buf) {
+        // A byte-order mark some editors put first is not part of the JSON.
+        let raw = match (line, buf.strip_prefix(b"\xEF\xBB\xBF")) {
+            (1, Some(rest)) => rest,
+            _ => &buf[..],
+        };
+        let text = match std::str::from_utf8(raw) {
             Ok(t) => t.trim(),
             Err(_) => {
                 if !emit(Err(RowError {
@@ -171,7 +193,7 @@ pub fn parse_jsonl(
                 ),
             })
         } else {
-            jsonl_row(text, line, rules)
+            jsonl_row(text, line, rules, max_depth)
         };
         if !emit(row) {
             return Ok(());
@@ -202,14 +224,47 @@ fn skip_line(reader: &mut impl std::io::BufRead) -> std::io::Result<u64> {
     }
 }
 
-fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
+/// The `value` of each element of a line's `identities`, as written when it is a number.
+fn raw_identity_values(text: &str) -> Vec<Option<String>> {
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow, default)]
+        identities: Vec<Item<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow, default)]
+        value: Option<&'a serde_json::value::RawValue>,
+    }
+    serde_json::from_str::<Line>(text)
+        .map(|l| {
+            l.identities
+                .iter()
+                .map(|it| {
+                    it.value
+                        .map(|r| r.get())
+                        .filter(|t| t.starts_with(|c: char| c == '-' || c.is_ascii_digit()))
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One JSONL line. Traits may nest as deep as `max_depth` allows a trait to (the line adds
+/// two levels: the line object and `traits`), so every export imports back.
+fn jsonl_row(text: &str, line: u64, rules: &IdentityRules, max_depth: usize) -> Parsed {
     let bad = |code, message: String| RowError {
         line,
         code,
         message,
     };
-    if let Err(e) = crate::ingest::scan::check_value(text.as_bytes(), 64) {
-        return Err(bad(ErrorCode::InvalidJson, e.to_string()));
+    if let Err(e) = crate::ingest::scan::check_value(text.as_bytes(), max_depth + 2) {
+        let code = match e.kind {
+            crate::ingest::scan::ScanErrorKind::TooDeep { .. } => ErrorCode::TooDeep,
+            _ => ErrorCode::InvalidJson,
+        };
+        return Err(bad(code, e.to_string()));
     }
     let v: Json = serde_json::from_str(text)
         .map_err(|e| bad(ErrorCode::InvalidJson, format!("the line is not JSON: {e}")))?;
@@ -227,12 +282,32 @@ fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
     match obj.get("identities") {
         None | Some(Json::Null) => {}
         Some(Json::Array(items)) => {
+            // Numbers are ids as written (`12345678901234567890123`, `1.50`), never through a
+            // float, as at ingest: their text comes from a second, raw read of the line.
+            let raw_numbers: Vec<Option<String>> = if items
+                .iter()
+                .any(|it| it.get("value").is_some_and(Json::is_number))
+            {
+                raw_identity_values(text)
+            } else {
+                Vec::new()
+            };
             for (i, item) in items.iter().enumerate() {
+                // A null value is no identity, like an empty one.
+                if item.get("value").is_some_and(Json::is_null) {
+                    continue;
+                }
                 let (Some(ty), Some(value)) = (
                     item.get("type").and_then(Json::as_str),
                     item.get("value").and_then(|v| match v {
                         Json::String(s) => Some(s.clone()),
-                        Json::Number(n) => Some(n.to_string()),
+                        Json::Number(n) => Some(
+                            raw_numbers
+                                .get(i)
+                                .cloned()
+                                .flatten()
+                                .unwrap_or_else(|| n.to_string()),
+                        ),
                         _ => None,
                     }),
                 ) else {
@@ -247,7 +322,10 @@ fn jsonl_row(text: &str, line: u64, rules: &IdentityRules) -> Parsed {
                 if !crate::domain::identity::valid_type_name(ty) {
                     return Err(bad(
                         ErrorCode::InvalidField,
-                        format!("identities[{i}].type {ty:?} must match [a-z0-9_.]{{1,64}}"),
+                        format!(
+                            "identities[{i}].type {ty:?} must match [a-z0-9_.]{{1,64}} and not \
+                             be \"id\" (the profile id is not an identity)"
+                        ),
                     ));
                 }
                 push_identity(
@@ -535,18 +613,26 @@ pub fn parse_csv(
             }
             Err(e) => {
                 let line = e.position().map_or(line, |p| lines.line_of(p.byte()));
-                let message = match e.kind() {
+                // A row past the limit is too large; a body that cannot be read (corrupt or
+                // cut gzip) is a bad body, as at ingest; anything else is bad CSV.
+                let (code, message) = match e.kind() {
                     csv::ErrorKind::Io(io) => {
                         match io.get_ref().and_then(|i| i.downcast_ref::<RowTooLong>()) {
-                            Some(long) => long.to_string(),
-                            None => format!("cannot read the body: {io}"),
+                            Some(long) => (ErrorCode::TooLarge, long.to_string()),
+                            None => (
+                                ErrorCode::InvalidBody,
+                                format!(
+                                    "cannot read the body from here on: {io} (the rows before \
+                                     are imported)"
+                                ),
+                            ),
                         }
                     }
-                    _ => format!("unreadable CSV: {e}"),
+                    _ => (ErrorCode::InvalidField, format!("unreadable CSV: {e}")),
                 };
                 let err = RowError {
                     line,
-                    code: ErrorCode::InvalidField,
+                    code,
                     message,
                 };
                 if columns.is_none() {
@@ -610,6 +696,28 @@ pub fn parse_csv(
                         });
                     }
                 });
+            }
+            // `traits.a` and `traits.a.b` cannot both be set: one would overwrite the other.
+            for (i, a) in cols.iter().enumerate() {
+                for (j, b) in cols.iter().enumerate() {
+                    if let (Column::Trait(pa), Column::Trait(pb)) = (a, b)
+                        && pa.len() < pb.len()
+                        && pb.starts_with(pa)
+                    {
+                        return Err(RowError {
+                            line,
+                            code: ErrorCode::InvalidField,
+                            message: format!(
+                                "header columns {} ({}) and {} ({}) overlap: a trait cannot be \
+                                 both a value and an object",
+                                i + 1,
+                                record.get(i).unwrap_or("").trim(),
+                                j + 1,
+                                record.get(j).unwrap_or("").trim()
+                            ),
+                        });
+                    }
+                }
             }
             columns = Some(cols);
             continue;
@@ -774,7 +882,7 @@ mod tests {
                     {\"traits\":{\"plan\":\"x\"}}\n\
                     {\"identities\":[{\"type\":\"email\",\"value\":\"A@B.io\"}],\"traits\":[1]}\n";
         let mut out = Vec::new();
-        parse_jsonl(text.as_bytes(), &rules(), 1 << 20, |r| {
+        parse_jsonl(text.as_bytes(), &rules(), 1 << 20, 64, |r| {
             out.push(r);
             true
         })
@@ -798,7 +906,7 @@ mod tests {
             "{long}\n{{\"identities\":[{{\"type\":\"user_id\",\"value\":\"u2\"}}]}}\n{long}"
         );
         let mut out = Vec::new();
-        parse_jsonl(text.as_bytes(), &rules(), 100, |r| {
+        parse_jsonl(text.as_bytes(), &rules(), 100, 64, |r| {
             out.push(r);
             true
         })
@@ -844,7 +952,7 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(out.len(), 2, "{out:?}");
         let e = out[1].as_ref().unwrap_err();
-        assert_eq!(e.line, 3);
+        assert_eq!((e.line, e.code), (3, ErrorCode::TooLarge));
         assert!(e.message.contains("longer than 1000 bytes"), "{e:?}");
     }
 
@@ -854,6 +962,10 @@ mod tests {
             ("user_id,user_id", vec!["column 2", "repeats column 1"]),
             ("user_id,traits.a,a", vec!["column 3", "repeats column 2"]),
             ("user_id,,b", vec!["column 2", "no name"]),
+            (
+                "user_id,traits.a,traits.a.b",
+                vec!["columns 2 (traits.a) and 3", "overlap"],
+            ),
         ] {
             let e = parse_csv(
                 format!("{header}\nu1,x,y\n").as_bytes(),

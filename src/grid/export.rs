@@ -270,7 +270,12 @@ fn event_row(json: &str, profile: ProfileId, csv: bool) -> Bytes {
 }
 
 /// One row resolved for its shard: (index in the batch, resolution, traits).
-pub type ImportItem = (usize, Resolution, Map<String, serde_json::Value>);
+pub type ImportItem = (
+    usize,
+    Resolution,
+    Map<String, serde_json::Value>,
+    Option<String>,
+);
 
 /// What an import did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -436,6 +441,7 @@ impl Grid {
         // an export always imports back; never less than a request body.
         let max_line = (2 * self.settings.ingest.max_trait_bytes + (1 << 16))
             .max(self.settings.ingest.max_body_bytes);
+        let max_depth = self.settings.ingest.max_depth;
         let parser = tokio::task::spawn_blocking(move || -> Result<(), RowError> {
             let mut batch = Vec::with_capacity(IMPORT_BATCH);
             let mut emit = |r: Parsed| {
@@ -454,13 +460,15 @@ impl Grid {
             };
             let result = match format {
                 ImportFormat::Csv => parse_csv(reader, &rules, max_line, &mut emit),
-                ImportFormat::Jsonl => {
-                    parse_jsonl(reader, &rules, max_line, &mut emit).map_err(|e| RowError {
+                ImportFormat::Jsonl => parse_jsonl(reader, &rules, max_line, max_depth, &mut emit)
+                    .map_err(|e| RowError {
                         line: 0,
                         code: ErrorCode::InvalidBody,
-                        message: format!("cannot read the body: {e}"),
-                    })
-                }
+                        message: format!(
+                            "cannot read the body from here on: {e} (the rows before are \
+                             imported)"
+                        ),
+                    }),
             };
             if !batch.is_empty() {
                 let _ = rows_tx.blocking_send(batch);
@@ -501,7 +509,10 @@ impl Grid {
                     Err(e) => reject(&mut answer, e.line, e.code, e.message),
                 }
             }
-            in_flight.push_back(self.send_import_batch(good).await);
+            in_flight.push_back(
+                self.send_import_batch(good, format == ImportFormat::Csv)
+                    .await,
+            );
             if in_flight.len() > IMPORT_IN_FLIGHT {
                 let done = in_flight.pop_front().expect("non-empty").finish().await;
                 settle(&mut answer, done)?;
@@ -538,7 +549,7 @@ impl Grid {
 
     /// Resolves one batch of rows (merging where they join profiles) and sends each shard
     /// its part; the answer waits for what the shards report.
-    async fn send_import_batch(&self, rows: Vec<ImportRow>) -> PendingBatch {
+    async fn send_import_batch(&self, rows: Vec<ImportRow>, merge_nested: bool) -> PendingBatch {
         let now = self.clock.now_ms();
         let mut out = Vec::with_capacity(rows.len());
         let mut by_shard: Vec<Vec<ImportItem>> =
@@ -579,7 +590,12 @@ impl Grid {
                     continue;
                 }
             }
-            by_shard[r.profile.shard() as usize].push((i, r, row.traits));
+            let note = super::registry::refused_links_note(
+                &r.dropped_ids,
+                &format!("import:line {}", row.line),
+                now,
+            );
+            by_shard[r.profile.shard() as usize].push((i, r, row.traits, note));
         }
         let mut waits = Vec::new();
         for (s, rows) in by_shard.into_iter().enumerate() {
@@ -587,7 +603,11 @@ impl Grid {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            self.shard(s as u16).do_send(ImportRows { rows, reply: tx });
+            self.shard(s as u16).do_send(ImportRows {
+                rows,
+                merge_nested,
+                reply: tx,
+            });
             waits.push(rx);
         }
         PendingBatch { out, lines, waits }

@@ -102,7 +102,7 @@ fn mapping_json(m: &MappingDef) -> Value {
 /// than skipped at every event.
 fn parse_body(
     body: &Value,
-    max_trait_bytes: usize,
+    (max_trait_bytes, max_depth): (usize, usize),
 ) -> Result<(String, Map<String, Value>), Problem> {
     let Some(obj) = body.as_object() else {
         return Err(Problem::at(
@@ -137,6 +137,18 @@ fn parse_body(
     for (i, a) in m.actions.iter().enumerate() {
         if let crate::segment::mapping::Action::SetValue(k, v) = a {
             let bytes = k.len() + v.to_string().len() + 4;
+            // A trait value sits one level below the traits object, as in a PATCH body.
+            if depth(v) + 1 > max_depth {
+                return Err(Problem::at(
+                    ErrorCode::TooDeep,
+                    format!("actions[{i}].value"),
+                    format!(
+                        "the value of {k:?} nests {} levels, deeper than a trait may ({})",
+                        depth(v),
+                        max_depth - 1
+                    ),
+                ));
+            }
             if bytes > max_trait_bytes {
                 return Err(Problem::at(
                     ErrorCode::InvalidRule,
@@ -190,11 +202,20 @@ pub fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     Ok(f.mappings)
 }
 
+/// Levels of nesting of a JSON value (a scalar is 0, `[]` and `{}` are 1).
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Reads and validates the mappings file: every mapping with its id and body. An error
 /// names the file, the mapping (its id and place) and the path of the problem in it.
 pub fn check_file(
     path: &std::path::Path,
-    max_trait_bytes: usize,
+    (max_trait_bytes, max_depth): (usize, usize),
 ) -> anyhow::Result<Vec<(String, Map<String, Value>)>> {
     let entries = read_file(path)?;
     let mut parsed = Vec::with_capacity(entries.len());
@@ -206,7 +227,7 @@ pub fn check_file(
                 i + 1
             );
         };
-        let (id, body) = parse_body(v, max_trait_bytes).map_err(|p| {
+        let (id, body) = parse_body(v, (max_trait_bytes, max_depth)).map_err(|p| {
             let at = match p.path.as_deref() {
                 Some(a) if !a.is_empty() => format!(" (at {a})"),
                 _ => String::new(),
@@ -228,7 +249,13 @@ impl Grid {
     /// the rules are installed); an invalid mapping in the file stops the start.
     pub(crate) fn load_mapping_file(&self, path: &std::path::Path) -> anyhow::Result<usize> {
         let now = self.clock.now_ms();
-        let parsed = check_file(path, self.settings.ingest.max_trait_bytes)?;
+        let parsed = check_file(
+            path,
+            (
+                self.settings.ingest.max_trait_bytes,
+                self.settings.ingest.max_depth,
+            ),
+        )?;
         let n = parsed.len();
         if n > 0 {
             self.segments.edit_offline(|defs| {
@@ -242,7 +269,13 @@ impl Grid {
 
     /// `POST /v1/mappings`.
     pub async fn create_mapping(self: &Arc<Self>, body: &Value) -> Result<Value, Problem> {
-        let (id, body) = parse_body(body, self.settings.ingest.max_trait_bytes)?;
+        let (id, body) = parse_body(
+            body,
+            (
+                self.settings.ingest.max_trait_bytes,
+                self.settings.ingest.max_depth,
+            ),
+        )?;
         let now = self.clock.now_ms();
         let (defs, _) = self
             .edit(

@@ -713,9 +713,12 @@ impl Grid {
         traits: serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, Problem> {
         let addr = &self.shards[resolution.profile.shard() as usize];
+        let note =
+            registry::refused_links_note(&resolution.dropped_ids, "patch", self.clock.now_ms());
         let (tx, rx) = oneshot::channel();
         addr.do_send(PatchTraits {
             resolution,
+            note,
             traits,
             reply: tx,
         });
@@ -783,7 +786,12 @@ impl Grid {
     ) -> Result<String, Problem> {
         use crate::domain::identity::{IdType, Identity, ProfileKey, normalize};
         let now = self.clock.now_ms();
-        let not_found = || Problem::new(ErrorCode::NotFound, "no profile holds that key");
+        let not_found = || {
+            Problem::new(
+                ErrorCode::NotFound,
+                format!("no profile holds the key {}", key.describe()),
+            )
+        };
         let mut extra = Vec::new();
         for (name, ty) in [("email", IdType::EMAIL), ("phone", IdType::PHONE)] {
             if let Some(serde_json::Value::String(v)) = traits.get(name)
@@ -795,6 +803,21 @@ impl Grid {
                     value: v.into_boxed_str(),
                 });
             }
+        }
+        // A value that never becomes an identity ("null", "0", ...) does not as a key either.
+        if let ProfileKey::Identity(id) = key
+            && self.registry.rules().is_blocked(id.ty, &id.value)
+        {
+            return Err(Problem::at(
+                ErrorCode::BlockedId,
+                "key",
+                format!(
+                    "{} {:?} is a blocked value (identity.blocked or a value SDKs send by \
+                     mistake): it never becomes an identity",
+                    id.ty.name(),
+                    &*id.value
+                ),
+            ));
         }
         // A person erased with suppression is not brought back by a PATCH either: not
         // through its key, nor by an email/phone trait given to someone else.

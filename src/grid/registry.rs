@@ -42,6 +42,31 @@ pub struct Resolution {
     pub seq: u64,
 }
 
+/// The merge-list entry (`GET /v1/profiles/{key}/merges`) for identities a `PATCH` or an
+/// import row could not link (an identity limit), or `None` when none were refused.
+/// Messages carry theirs with the event (`ingest::refusal_note`); `cause` says where these
+/// came from (`patch`, `import:line N`).
+pub fn refused_links_note(dropped: &[Identity], cause: &str, now: i64) -> Option<String> {
+    if dropped.is_empty() {
+        return None;
+    }
+    let identities: Vec<serde_json::Value> = dropped
+        .iter()
+        .map(|i| serde_json::json!({"type": i.ty.name(), "value": &*i.value}))
+        .collect();
+    Some(
+        serde_json::json!({
+            "type": "refused",
+            "message_id": null,
+            "cause": cause,
+            "identities": identities,
+            "rule": "identity limit: linking or merging would give a profile more identities of a type than identity.limits allows",
+            "at": crate::segment::timefmt::format_ms(now),
+        })
+        .to_string(),
+    )
+}
+
 impl Resolution {
     /// A message going to `profile` with nothing created, linked, dropped or merged; the
     /// other constructors start from it.

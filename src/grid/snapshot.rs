@@ -352,6 +352,7 @@ async fn scrub_erased(grid: &Arc<Grid>, cut: &[u64]) {
                 }
                 LogRecord::Membership(_)
                 | LogRecord::System(_)
+                | LogRecord::Note(_)
                 | LogRecord::Patch(_)
                 | LogRecord::Counter(_)
                 | LogRecord::Absorbed(_) => erased.contains(&rec.profile()),

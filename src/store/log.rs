@@ -233,6 +233,18 @@ pub struct SystemRecord {
     pub properties_json: String,
 }
 
+/// An entry of a profile's merge list (`GET /v1/profiles/{key}/merges`) not carried by an
+/// event: links refused for a `PATCH` or an import row.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct NoteRecord {
+    /// Server-wide accept sequence.
+    pub seq: u64,
+    /// The profile.
+    pub profile: u128,
+    /// The entry, as JSON.
+    pub note: String,
+}
+
 /// What an erased record is overwritten with: the same length, nothing in it.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub struct FillerRecord {
@@ -268,6 +280,8 @@ pub enum LogRecord {
     Filler(FillerRecord),
     /// A standard event, stored compact.
     System(SystemRecord),
+    /// A merge-list entry of a profile.
+    Note(NoteRecord),
 }
 
 impl LogRecord {
@@ -287,6 +301,7 @@ impl LogRecord {
             | LogRecord::Filler(_) => 0,
             LogRecord::Counter(r) => r.profile,
             LogRecord::System(r) => r.profile,
+            LogRecord::Note(r) => r.profile,
         }
     }
 
@@ -324,6 +339,7 @@ impl LogRecord {
             LogRecord::OutboxDone(r) => r.seq,
             LogRecord::Filler(_) => 0,
             LogRecord::System(r) => r.seq,
+            LogRecord::Note(r) => r.seq,
         }
     }
 }

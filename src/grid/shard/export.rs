@@ -116,8 +116,11 @@ pub type RowResults = Vec<(usize, Result<(), Problem>)>;
 #[derive(ActixMessage)]
 #[rtype(result = "()")]
 pub struct ImportRows {
-    /// (index in the batch, resolution, traits).
+    /// (index in the batch, resolution, traits, merge-list entry of refused links).
     pub rows: Vec<crate::grid::export::ImportItem>,
+    /// Nested traits are merged into what the profile holds (CSV: one cell per leaf, and
+    /// an empty cell leaves its leaf), not put in place whole (JSONL: the whole value).
+    pub merge_nested: bool,
     /// Per row: applied or why not; answered once durable.
     pub reply: oneshot::Sender<RowResults>,
 }
@@ -128,8 +131,13 @@ impl Handler<ImportRows> for Shard {
     fn handle(&mut self, msg: ImportRows, _: &mut Self::Context) {
         let now = self.ctx.clock.now_ms();
         let mut out = Vec::with_capacity(msg.rows.len());
-        for (i, resolution, traits) in msg.rows {
-            let r = self.apply_patch(resolution, &traits, now);
+        for (i, resolution, mut traits, note) in msg.rows {
+            if msg.merge_nested
+                && let Some(p) = self.profiles.get(&resolution.profile)
+            {
+                merge_nested(p, &mut traits);
+            }
+            let r = self.apply_patch(resolution, &traits, note, now);
             out.push((i, r));
         }
         let reply = msg.reply;
@@ -143,5 +151,71 @@ impl Handler<ImportRows> for Shard {
             };
             let _ = reply.send(out);
         });
+    }
+}
+
+/// Turns each object-valued trait of `traits` into the profile's current object with those
+/// leaves set (the patch logged is the merged value, so replay needs no profile state).
+fn merge_nested(
+    profile: &crate::domain::profile::Profile,
+    traits: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    use crate::domain::value::trait_keys;
+    for (key, value) in traits.iter_mut() {
+        if !value.is_object() {
+            continue;
+        }
+        let Some(serde_json::Value::Object(mut current)) = trait_keys()
+            .lookup(key)
+            .and_then(|k| profile.trait_value(k))
+            .map(|v| v.to_json())
+        else {
+            continue;
+        };
+        if let serde_json::Value::Object(patch) = std::mem::take(value) {
+            merge_object(&mut current, patch);
+        }
+        *value = serde_json::Value::Object(current);
+    }
+}
+
+/// Sets every leaf of `patch` in `base`, descending where both hold objects.
+fn merge_object(
+    base: &mut serde_json::Map<String, serde_json::Value>,
+    patch: serde_json::Map<String, serde_json::Value>,
+) {
+    for (k, v) in patch {
+        match (base.get_mut(&k), v) {
+            (Some(serde_json::Value::Object(b)), serde_json::Value::Object(p)) => {
+                merge_object(b, p)
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_object;
+    use serde_json::json;
+
+    #[test]
+    fn nested_leaves_merge_into_what_is_there() {
+        let mut base =
+            json!({"city": "Paris", "zip": "75001", "geo": {"lat": 1, "lon": 2}, "n": 1})
+                .as_object()
+                .unwrap()
+                .clone();
+        let patch = json!({"city": "Lyon", "geo": {"lat": 5}, "n": {"x": 1}})
+            .as_object()
+            .unwrap()
+            .clone();
+        merge_object(&mut base, patch);
+        assert_eq!(
+            serde_json::Value::Object(base),
+            json!({"city": "Lyon", "zip": "75001", "geo": {"lat": 5, "lon": 2}, "n": {"x": 1}})
+        );
     }
 }

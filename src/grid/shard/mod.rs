@@ -37,8 +37,8 @@ use crate::segment::compile::SegIdx;
 use crate::segment::set::{RuleSet, SpecSet};
 use crate::store::flush::{Flusher, Ticket};
 use crate::store::log::{
-    DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, OutboxEntry, PatchRecord,
-    Position, ShardLog, SystemRecord,
+    DeleteRecord, EventRecord, LinkedIdentity, LogReader, LogRecord, NoteRecord, OutboxEntry,
+    PatchRecord, Position, ShardLog, SystemRecord,
 };
 use crate::store::snapshot::{ChunkInfo, ShardChunk};
 
@@ -832,6 +832,11 @@ fn replay(
     rec: LogRecord,
 ) {
     match rec {
+        LogRecord::Note(r) => {
+            if let Some(p) = profiles.get_mut(&ProfileId(r.profile)) {
+                p.add_merge_note(r.note);
+            }
+        }
         // The same as its full form (a compact record never is `user.deleted`).
         LogRecord::System(r) => replay(
             ctx,
@@ -1290,6 +1295,8 @@ impl Handler<ListProfiles> for Shard {
 pub struct PatchTraits {
     /// Where the registry put it (created or linked by the key and email/phone traits).
     pub resolution: Resolution,
+    /// The merge-list entry of links the registry refused, if any.
+    pub note: Option<String>,
     /// The traits (null unsets).
     pub traits: serde_json::Map<String, serde_json::Value>,
     /// The profile object after the patch.
@@ -1303,7 +1310,7 @@ impl Handler<PatchTraits> for Shard {
         let now = self.ctx.clock.now_ms();
         let pid = msg.resolution.profile;
         let result = self
-            .apply_patch(msg.resolution, &msg.traits, now)
+            .apply_patch(msg.resolution, &msg.traits, msg.note, now)
             .map(|()| self.render(pid).unwrap_or_default());
         let reply = msg.reply;
         match result {
@@ -1325,6 +1332,7 @@ impl Shard {
         &mut self,
         r: Resolution,
         traits: &serde_json::Map<String, serde_json::Value>,
+        note: Option<String>,
         now: i64,
     ) -> Result<(), Problem> {
         let pid = r.profile;
@@ -1395,6 +1403,17 @@ impl Shard {
                 traits_json: serde_json::to_string(traits).expect("json"),
             }))
             .map_err(io_problem)?;
+        if let Some(note) = note {
+            let seq = self.ctx.next_seq.fetch_add(1, Ordering::AcqRel);
+            self.log
+                .append(&LogRecord::Note(NoteRecord {
+                    seq,
+                    profile: pid.0,
+                    note: note.clone(),
+                }))
+                .map_err(io_problem)?;
+            profile.add_merge_note(note);
+        }
         let changes = profile.commit_traits(plan, now);
         record_changes(
             &mut self.log,
