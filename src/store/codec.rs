@@ -10,7 +10,7 @@
 //! chunks) decode version-1 bytes through [`decode_evolved`] and their `v1` forms
 //! (`store::compat`); every other type is laid out the same in both versions. A new
 //! enum variant appended at the end (log records for the outbox, fillers, compact standard
-//! events) keeps the version: every older record still decodes the same.
+//! events, merge-list notes) keeps the version: every older record still decodes the same.
 
 use bincode::{Decode, Encode};
 
