@@ -493,6 +493,11 @@ async fn exports_take_fields_segments_and_event_filters() {
     for (path, word) in [
         ("/v1/export/profiles?format=xls", "xls"),
         ("/v1/export/profiles?fields=traits.", "fields"),
+        (
+            "/v1/export/profiles?format=jsonl&fields=id,email,id",
+            "twice",
+        ),
+        ("/v1/export/profiles?format=csv&fields=id,,email", "empty"),
         ("/v1/export/profiles?segment=nope", "nope"),
         ("/v1/export/events?since=yesterday", "since"),
     ] {

@@ -48,7 +48,8 @@ pub fn parse_filter(q: &HashMap<String, String>) -> Result<EventFilter, ApiError
         })?),
     };
     Ok(EventFilter {
-        name: q.get("name").cloned(),
+        // An empty filter is no filter (like an empty `segment=`).
+        name: q.get("name").filter(|n| !n.is_empty()).cloned(),
         kind,
         since: parse_time(q, "since")?,
         until: parse_time(q, "until")?,

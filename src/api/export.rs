@@ -36,12 +36,13 @@ fn segment_of(
 ) -> Result<Option<SegIdx>, ApiError> {
     match q.get("segment").filter(|s| !s.is_empty()) {
         None => Ok(None),
-        Some(s) => app
-            .grid
-            .segments
-            .find(s)
-            .map(Some)
-            .ok_or_else(|| ApiError::not_found(format!("no segment has the id {s:?}"))),
+        Some(s) => app.grid.segments.find(s).map(Some).ok_or_else(|| {
+            ApiError(Problem::at(
+                ErrorCode::NotFound,
+                "segment",
+                format!("no segment has the id {s:?}"),
+            ))
+        }),
     }
 }
 

@@ -175,12 +175,21 @@ pub fn jsonl_fields(p: &Profile, fields: &[Field]) -> String {
 }
 
 /// Parses the `fields` query parameter (a comma list).
+/// Parses a `fields` list. An empty entry or a field named twice is an error: a JSONL line
+/// is an object keyed by the names, where a repeated key would be lost.
 pub fn parse_fields(s: &str) -> Result<Vec<Field>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty())
-        .map(Field::parse)
-        .collect()
+    let mut out: Vec<Field> = Vec::new();
+    for (i, f) in s.split(',').map(str::trim).enumerate() {
+        if f.is_empty() {
+            return Err(format!("entry {} of {s:?} is empty", i + 1));
+        }
+        let field = Field::parse(f)?;
+        if out.contains(&field) {
+            return Err(format!("{f:?} is listed twice in {s:?}"));
+        }
+        out.push(field);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
