@@ -1731,3 +1731,59 @@ async fn links_refused_for_an_import_row_are_listed_in_the_merges_and_survive_a_
     check(s.get("/v1/profiles/user_id:lim-a/merges").await.1);
     drop(dir);
 }
+
+#[tokio::test]
+async fn an_erased_persons_trait_names_leave_the_csv_header() {
+    let s = Server::start().await;
+    for (key, traits) in [
+        (
+            "user_id:gone",
+            json!({"ssn_for_bob": "123", "addr": {"bob_street": "x"}, "plan": "a"}),
+        ),
+        (
+            "user_id:kept",
+            json!({"plan": "b", "addr": {"city": "Paris"}}),
+        ),
+    ] {
+        let (st, v) = s
+            .admin(
+                "PATCH",
+                &format!("/v1/profiles/{key}/traits"),
+                Some(&traits),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let header = |csv: &str| csv.lines().next().unwrap_or("").to_owned();
+    let (_, before) = text(&s, "/v1/export/profiles?format=csv").await;
+    assert!(header(&before).contains("traits.ssn_for_bob"), "{before}");
+    assert_eq!(
+        s.admin("DELETE", "/v1/profiles/user_id:gone", None).await.0,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, after) = text(&s, "/v1/export/profiles?format=csv").await;
+        let h = header(&after);
+        if !h.contains("bob") {
+            assert!(
+                h.contains("traits.addr.city") && h.contains("traits.plan"),
+                "{h}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in the header: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A trait name that comes back is listed again.
+    let (st, _) = s
+        .admin(
+            "PATCH",
+            "/v1/profiles/user_id:kept/traits",
+            Some(&json!({"ssn_for_bob": "n/a"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (_, again) = text(&s, "/v1/export/profiles?format=csv").await;
+    assert!(header(&again).contains("traits.ssn_for_bob"), "{again}");
+}

@@ -79,9 +79,14 @@ pub struct Grid {
     pub dispatcher: dispatch::Dispatcher,
     /// What each mapping did since start.
     pub mapping_stats: Arc<mappings::MappingStats>,
+    /// A catalog rebuild is scheduled.
+    catalog_rebuild_due: std::sync::atomic::AtomicBool,
 }
 
 /// The actor is gone: only during shutdown.
+/// How long after an erasure the trait catalog is rebuilt (erasures meanwhile share it).
+const CATALOG_REBUILD_DELAY_MS: u64 = 500;
+
 pub(crate) fn gone() -> Problem {
     Problem::new(ErrorCode::Unavailable, "the server is shutting down")
 }
@@ -219,6 +224,7 @@ impl Grid {
             last_snapshot_wall: AtomicI64::new(clock::wall_ms()),
             dispatcher,
             mapping_stats: ctx.mapping_stats.clone(),
+            catalog_rebuild_due: std::sync::atomic::AtomicBool::new(false),
         });
         grid.drop_absorbed().await;
         let file = &grid.settings.mappings_file;
@@ -727,7 +733,11 @@ impl Grid {
 
     /// Erases a profile (with `suppress`, its identities are refused from then on); false
     /// when it did not exist.
-    pub async fn delete_profile(&self, id: ProfileId, suppress: bool) -> Result<bool, Problem> {
+    pub async fn delete_profile(
+        self: &Arc<Self>,
+        id: ProfileId,
+        suppress: bool,
+    ) -> Result<bool, Problem> {
         let addr = &self.shards[id.shard() as usize];
         let (tx, rx) = oneshot::channel();
         addr.do_send(DeleteProfile {
@@ -737,6 +747,7 @@ impl Grid {
         });
         let erased = rx.await.map_err(|_| gone())??;
         if erased {
+            self.rebuild_catalog_soon();
             // Failed deliveries keep their payload for re-queuing: not the traits of
             // someone erased.
             let history = self.dispatcher.context().history.clone();
@@ -746,6 +757,36 @@ impl Grid {
             .await;
         }
         Ok(erased)
+    }
+
+    /// After an erasure: trait paths only the erased person held leave the catalog (the
+    /// CSV export's default columns). One rebuild for a burst of erasures, a moment later:
+    /// it asks every shard for the paths its profiles hold.
+    fn rebuild_catalog_soon(self: &Arc<Self>) {
+        if self.catalog_rebuild_due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let grid = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(CATALOG_REBUILD_DELAY_MS)).await;
+            grid.catalog_rebuild_due.store(false, Ordering::SeqCst);
+            grid.catalog.begin_rebuild();
+            let mut held = std::collections::HashSet::new();
+            for addr in &grid.shards {
+                let (tx, rx) = oneshot::channel();
+                addr.do_send(shard::TraitPaths { reply: tx });
+                match rx.await {
+                    Ok(paths) => held.extend(paths),
+                    // A shard that cannot answer: keep every path.
+                    Err(_) => {
+                        held.extend(grid.catalog.sorted());
+                        break;
+                    }
+                }
+            }
+            let removed = grid.catalog.finish_rebuild(&held);
+            tracing::debug!(removed, "trait catalog rebuilt after an erasure");
+        });
     }
 
     /// Flushes every shard's log to disk and stops the shard threads (shutdown).

@@ -1718,6 +1718,30 @@ impl Handler<CountProfiles> for Shard {
     }
 }
 
+/// The leaf trait paths this shard's profiles hold (a catalog rebuild after an erasure).
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct TraitPaths {
+    /// The escaped paths.
+    pub reply: oneshot::Sender<std::collections::HashSet<String>>,
+}
+
+impl Handler<TraitPaths> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: TraitPaths, _: &mut Self::Context) {
+        let mut out = std::collections::HashSet::new();
+        for p in self.profiles.values() {
+            for t in &p.traits {
+                if let Some(v) = &t.value {
+                    super::catalog::leaf_paths(trait_keys().name(t.key), v, &mut out);
+                }
+            }
+        }
+        let _ = msg.reply.send(out);
+    }
+}
+
 /// A slice of profiles for a snapshot: the chunk, its last id, the log position it
 /// covers, and whether it is the shard's last.
 pub type EncodedChunk = (ShardChunk, Option<ProfileId>, Position, bool);
