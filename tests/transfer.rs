@@ -810,6 +810,18 @@ async fn mapping_sets_follow_event_time_and_increments_count_every_event() {
         json!({"last_page": "/c", "visits": 3, "spend": 1.5}),
         "{p}"
     );
+    // The two late sets show as ignored by design, not as failures.
+    let id = v["id"].as_str().unwrap();
+    let (_, stats) = s.get(&format!("/v1/mappings/{id}/stats")).await;
+    assert_eq!(
+        (
+            &stats["applied"],
+            &stats["ignored_late_sets"],
+            &stats["skipped_updates"]
+        ),
+        (&json!(3), &json!(2), &json!(0)),
+        "{stats}"
+    );
     // An increment of a trait that is not a number leaves it (counted), the rest applies.
     ingest_ok(
         &s,

@@ -85,6 +85,9 @@ pub struct SkippedUpdate {
     pub key: String,
     /// Why, naming the trait and the value or limit.
     pub reason: String,
+    /// A `set` from an event older than the trait's value, ignored by design (a late event
+    /// never undoes a newer fact), rather than an update that could not be applied.
+    pub late: bool,
 }
 
 impl SkippedUpdate {
@@ -92,6 +95,7 @@ impl SkippedUpdate {
         SkippedUpdate {
             key: key.to_owned(),
             reason,
+            late: false,
         }
     }
 }
@@ -496,6 +500,13 @@ impl Profile {
             let mut one = serde_json::Map::with_capacity(1);
             one.insert(key.clone(), value.unwrap_or(serde_json::Value::Null));
             match self.plan_traits(&one, time, limits) {
+                Ok(plan) if plan.is_empty() => skipped.push(SkippedUpdate {
+                    key: key.clone(),
+                    reason: format!(
+                        "set of {key:?} ignored: the event is older than the trait's value"
+                    ),
+                    late: true,
+                }),
                 Ok(plan) => changes.extend(self.commit_traits(plan, now)),
                 Err(e) => skipped.push(SkippedUpdate::new(key, format!("cannot set {key:?}: {e}"))),
             }

@@ -28,6 +28,7 @@ pub struct MappingStats {
 struct Counters {
     applied: u64,
     missing_paths: u64,
+    ignored_late: u64,
     skipped: u64,
     last_skipped: Option<(i64, crate::domain::ids::ProfileId, String, String)>,
     last_warned_ms: i64,
@@ -50,8 +51,10 @@ impl MappingStats {
         let mut c = self.by_id.entry(mapping.to_owned()).or_default();
         c.applied += u64::from(changed);
         c.missing_paths += missing;
-        if let Some(last) = skipped.last() {
-            c.skipped += skipped.len() as u64;
+        let late = skipped.iter().filter(|s| s.late).count() as u64;
+        c.ignored_late += late;
+        if let Some(last) = skipped.iter().rev().find(|s| !s.late) {
+            c.skipped += skipped.len() as u64 - late;
             c.last_skipped = Some((now, profile, last.key.clone(), last.reason.clone()));
             if now - c.last_warned_ms >= WARN_EVERY_MS {
                 c.last_warned_ms = now;
@@ -77,6 +80,7 @@ impl MappingStats {
             "id": mapping,
             "applied": c.applied,
             "missing_paths": c.missing_paths,
+            "ignored_late_sets": c.ignored_late,
             "skipped_updates": c.skipped,
             "last_skipped": c.last_skipped.map(|(at, profile, key, reason)| serde_json::json!({
                 "at": format_ms(at),

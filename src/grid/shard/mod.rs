@@ -798,9 +798,9 @@ fn apply_mappings(
             if missing > 0 {
                 metrics::counter!("user360_mapping_missing_paths_total").increment(missing);
             }
-            if !skipped.is_empty() {
-                metrics::counter!("user360_mapping_skipped_updates_total")
-                    .increment(skipped.len() as u64);
+            let failed = skipped.iter().filter(|s| !s.late).count() as u64;
+            if failed > 0 {
+                metrics::counter!("user360_mapping_skipped_updates_total").increment(failed);
             }
             if !c.is_empty() {
                 metrics::counter!("user360_mapping_applied_total").increment(1);
