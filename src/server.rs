@@ -120,12 +120,14 @@ pub async fn run(
         );
     }
     // A broken mappings file stops the start here, before anything listens.
-    if settings.mappings_file.exists() {
+    let file_mappings = if settings.mappings_file.exists() {
         crate::grid::mappings::check_file(
             &settings.mappings_file,
             (settings.ingest.max_trait_bytes, settings.ingest.max_depth),
-        )?;
-    }
+        )?
+    } else {
+        Vec::new()
+    };
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
     let meta = Meta::open(&settings.data_dir)?;
@@ -177,6 +179,7 @@ pub async fn run(
         timers.clone(),
         snapshots,
         definitions,
+        file_mappings,
     )
     .await
     .context("cannot recover the data dir")?;

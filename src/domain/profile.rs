@@ -100,6 +100,23 @@ impl SkippedUpdate {
     }
 }
 
+/// An `increment` (or, when not `increment`, an `append`) of `key` that its current value
+/// (`held`) does not allow: of another kind, or a number the increment would overflow.
+fn cannot_derive(key: &str, increment: bool, held: Option<serde_json::Value>) -> SkippedUpdate {
+    let (verb, kind) = if increment {
+        ("increment", "a number")
+    } else {
+        ("append to", "a list")
+    };
+    let held = held.unwrap_or(serde_json::Value::Null);
+    let why = if increment && held.is_number() {
+        format!("the result would overflow (it holds {held})")
+    } else {
+        format!("it holds {}, not {kind}", crate::segment::cond::show(&held))
+    };
+    SkippedUpdate::new(key, format!("cannot {verb} {key:?}: {why}"))
+}
+
 /// Trait budget of one profile, and how close two event times must be to count as equal.
 #[derive(Debug, Clone, Copy)]
 pub struct TraitLimits {
@@ -471,30 +488,25 @@ impl Profile {
             // when that is of another kind: skipped, with what it holds.
             let (key, value, time) = match u {
                 Update::Set(k, v) => (k, v.clone(), TraitTime::Event(ts)),
-                Update::Increment(k, ..) | Update::Append(k, _) => {
-                    let now_value = current(k);
-                    let (next, verb, kind) = match u {
-                        Update::Increment(_, by, int) => (
-                            incremented(now_value.as_ref(), *by, *int),
-                            "increment",
-                            "a number",
-                        ),
-                        Update::Append(_, items) => {
-                            (appended(now_value.as_ref(), items), "append to", "a list")
+                Update::Increment(k, by, int) => {
+                    let held = current(k);
+                    match incremented(held.as_ref(), *by, *int) {
+                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
+                        None => {
+                            skipped.push(cannot_derive(k, true, held));
+                            continue;
                         }
-                        Update::Set(..) => unreachable!("matched above"),
-                    };
-                    let Some(v) = next else {
-                        let held = now_value.unwrap_or(serde_json::Value::Null);
-                        let why = if held.is_number() && matches!(u, Update::Increment(..)) {
-                            format!("the result would overflow (it holds {held})")
-                        } else {
-                            format!("it holds {}, not {kind}", crate::segment::cond::show(&held))
-                        };
-                        skipped.push(SkippedUpdate::new(k, format!("cannot {verb} {k:?}: {why}")));
-                        continue;
-                    };
-                    (k, Some(v), TraitTime::Now(ts))
+                    }
+                }
+                Update::Append(k, items) => {
+                    let held = current(k);
+                    match appended(held.as_ref(), items) {
+                        Some(v) => (k, Some(v), TraitTime::Now(ts)),
+                        None => {
+                            skipped.push(cannot_derive(k, false, held));
+                            continue;
+                        }
+                    }
                 }
             };
             let mut one = serde_json::Map::with_capacity(1);

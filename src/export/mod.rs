@@ -174,9 +174,9 @@ pub fn jsonl_fields(p: &Profile, fields: &[Field]) -> String {
     out
 }
 
-/// Parses the `fields` query parameter (a comma list).
-/// Parses a `fields` list. An empty entry or a field named twice is an error: a JSONL line
-/// is an object keyed by the names, where a repeated key would be lost.
+/// Parses the `fields` query parameter (a comma list). An empty entry or a field named
+/// twice is an error: a JSONL line is an object keyed by the names, where a repeated key
+/// would be lost.
 pub fn parse_fields(s: &str) -> Result<Vec<Field>, String> {
     let mut out: Vec<Field> = Vec::new();
     for (i, f) in s.split(',').map(str::trim).enumerate() {

@@ -91,24 +91,14 @@ impl Catalog {
                 return;
             }
         }
-        let mut stack: Vec<(String, &Value)> = vec![(escape_key(key), value)];
-        while let Some((path, v)) = stack.pop() {
-            match v {
-                Value::Object(members) if !members.is_empty() => {
-                    for (k, child) in members.iter() {
-                        stack.push((format!("{path}.{}", escape_key(k)), child));
-                    }
-                }
-                _ => {
-                    if rebuilding {
-                        self.added.insert(path.clone());
-                    }
-                    if !self.paths.contains(&path) {
-                        self.paths.insert(path);
-                    }
-                }
+        for_each_leaf(key, value, |path| {
+            if rebuilding {
+                self.added.insert(path.clone());
             }
-        }
+            if !self.paths.contains(&path) {
+                self.paths.insert(path);
+            }
+        });
     }
 
     /// Starts a rebuild: from now until [`Catalog::finish_rebuild`], added paths are kept
@@ -148,6 +138,13 @@ pub fn leaf_paths(key: &str, value: &Value, out: &mut HashSet<String>) {
         }
         return;
     }
+    for_each_leaf(key, value, |path| {
+        out.insert(path);
+    });
+}
+
+/// Calls `f` with the escaped path of every leaf of the trait `key` holding `value`.
+fn for_each_leaf(key: &str, value: &Value, mut f: impl FnMut(String)) {
     let mut stack: Vec<(String, &Value)> = vec![(escape_key(key), value)];
     while let Some((path, v)) = stack.pop() {
         match v {
@@ -156,9 +153,7 @@ pub fn leaf_paths(key: &str, value: &Value, out: &mut HashSet<String>) {
                     stack.push((format!("{path}.{}", escape_key(k)), child));
                 }
             }
-            _ => {
-                out.insert(path);
-            }
+            _ => f(path),
         }
     }
 }

@@ -48,7 +48,11 @@ impl MappingStats {
         skipped: &[crate::domain::profile::SkippedUpdate],
         now: i64,
     ) {
-        let mut c = self.by_id.entry(mapping.to_owned()).or_default();
+        // The id is copied only the first time (this runs for every mapped event).
+        let mut c = match self.by_id.get_mut(mapping) {
+            Some(c) => c,
+            None => self.by_id.entry(mapping.to_owned()).or_default(),
+        };
         c.applied += u64::from(changed);
         c.missing_paths += missing;
         let late = skipped.iter().filter(|s| s.late).count() as u64;
@@ -140,17 +144,16 @@ fn parse_body(
         .map_err(|e| Problem::at(ErrorCode::InvalidRule, e.path, e.message))?;
     for (i, a) in m.actions.iter().enumerate() {
         if let crate::segment::mapping::Action::SetValue(k, v) = a {
-            let bytes = k.len() + v.to_string().len() + 4;
+            let text = v.to_string();
+            let bytes = k.len() + text.len() + 4;
             // A trait value sits one level below the traits object, as in a PATCH body.
-            if depth(v) + 1 > max_depth {
+            if let Err(e) =
+                crate::ingest::scan::check_value(text.as_bytes(), max_depth.saturating_sub(1))
+            {
                 return Err(Problem::at(
                     ErrorCode::TooDeep,
                     format!("actions[{i}].value"),
-                    format!(
-                        "the value of {k:?} nests {} levels, deeper than a trait may ({})",
-                        depth(v),
-                        max_depth - 1
-                    ),
+                    format!("the value of {k:?} cannot be a trait: {e}"),
                 ));
             }
             if bytes > max_trait_bytes {
@@ -206,21 +209,16 @@ pub fn read_file(path: &std::path::Path) -> anyhow::Result<Vec<Value>> {
     Ok(f.mappings)
 }
 
-/// Levels of nesting of a JSON value (a scalar is 0, `[]` and `{}` are 1).
-fn depth(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
-        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
+/// A mapping of the mappings file, validated: its id and its body without `id`.
+pub type FileMapping = (String, Map<String, Value>);
 
-/// Reads and validates the mappings file: every mapping with its id and body. An error
-/// names the file, the mapping (its id and place) and the path of the problem in it.
+/// Reads and validates the mappings file (once, at start, before anything listens): every
+/// mapping with its id and body. An error names the file, the mapping (its id and place)
+/// and the path of the problem in it.
 pub fn check_file(
     path: &std::path::Path,
     (max_trait_bytes, max_depth): (usize, usize),
-) -> anyhow::Result<Vec<(String, Map<String, Value>)>> {
+) -> anyhow::Result<Vec<FileMapping>> {
     let entries = read_file(path)?;
     let mut parsed = Vec::with_capacity(entries.len());
     for (i, v) in entries.iter().enumerate() {
@@ -249,17 +247,10 @@ pub fn check_file(
 }
 
 impl Grid {
-    /// Folds the mappings file's mappings into the definitions (called once at start, before
-    /// the rules are installed); an invalid mapping in the file stops the start.
-    pub(crate) fn load_mapping_file(&self, path: &std::path::Path) -> anyhow::Result<usize> {
+    /// Folds the mappings file's mappings (validated by [`check_file`]) into the
+    /// definitions; called once at start, before the rules are installed.
+    pub(crate) fn load_mapping_file(&self, parsed: Vec<FileMapping>) -> anyhow::Result<usize> {
         let now = self.clock.now_ms();
-        let parsed = check_file(
-            path,
-            (
-                self.settings.ingest.max_trait_bytes,
-                self.settings.ingest.max_depth,
-            ),
-        )?;
         let n = parsed.len();
         if n > 0 {
             self.segments.edit_offline(|defs| {

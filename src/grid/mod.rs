@@ -83,10 +83,10 @@ pub struct Grid {
     catalog_rebuild_due: std::sync::atomic::AtomicBool,
 }
 
-/// The actor is gone: only during shutdown.
 /// How long after an erasure the trait catalog is rebuilt (erasures meanwhile share it).
 const CATALOG_REBUILD_DELAY_MS: u64 = 500;
 
+/// The actor is gone: only during shutdown.
 pub(crate) fn gone() -> Problem {
     Problem::new(ErrorCode::Unavailable, "the server is shutting down")
 }
@@ -101,6 +101,7 @@ impl Grid {
         timers: Arc<Timers>,
         snapshots: crate::store::snapshot::SnapshotStore,
         definitions: crate::store::definitions::DefinitionStore,
+        file_mappings: Vec<mappings::FileMapping>,
     ) -> anyhow::Result<Arc<Grid>> {
         let clock = timers.clock().clone();
         let d = &settings.dedup;
@@ -227,10 +228,10 @@ impl Grid {
             catalog_rebuild_due: std::sync::atomic::AtomicBool::new(false),
         });
         grid.drop_absorbed().await;
-        let file = &grid.settings.mappings_file;
-        if file.exists() {
-            let n = grid.load_mapping_file(file)?;
-            tracing::info!(mappings = n, file = %file.display(), "mappings file loaded");
+        if !file_mappings.is_empty() {
+            let n = grid.load_mapping_file(file_mappings)?;
+            let file = grid.settings.mappings_file.display();
+            tracing::info!(mappings = n, %file, "mappings file loaded");
         }
         grid.start_segments(changes).await;
         grid.start_dispatch(dispatch_rx).await;

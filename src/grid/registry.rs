@@ -42,29 +42,40 @@ pub struct Resolution {
     pub seq: u64,
 }
 
-/// The merge-list entry (`GET /v1/profiles/{key}/merges`) for identities a `PATCH` or an
-/// import row could not link (an identity limit), or `None` when none were refused.
-/// Messages carry theirs with the event (`ingest::refusal_note`); `cause` says where these
-/// came from (`patch`, `import:line N`).
+/// A merge-list entry (`GET /v1/profiles/{key}/merges`) for links refused under an
+/// identity limit: by a message (`message_id`) or, with `cause` (`patch`,
+/// `import:line N`), by a `PATCH` or an import row.
+pub fn refusal_entry(
+    message_id: Option<&str>,
+    cause: Option<&str>,
+    identities: Vec<serde_json::Value>,
+    now: i64,
+) -> String {
+    let mut entry = serde_json::json!({
+        "type": "refused",
+        "message_id": message_id,
+        "identities": identities,
+        "rule": "identity limit: linking or merging would give a profile more identities of a type than identity.limits allows",
+        "at": crate::segment::timefmt::format_ms(now),
+    });
+    if let Some(c) = cause {
+        entry["cause"] = c.into();
+    }
+    entry.to_string()
+}
+
+/// The merge-list entry for identities a `PATCH` or an import row could not link, or
+/// `None` when none were refused. Messages carry theirs with the event
+/// (`ingest::refusal_note`).
 pub fn refused_links_note(dropped: &[Identity], cause: &str, now: i64) -> Option<String> {
     if dropped.is_empty() {
         return None;
     }
-    let identities: Vec<serde_json::Value> = dropped
+    let identities = dropped
         .iter()
         .map(|i| serde_json::json!({"type": i.ty.name(), "value": &*i.value}))
         .collect();
-    Some(
-        serde_json::json!({
-            "type": "refused",
-            "message_id": null,
-            "cause": cause,
-            "identities": identities,
-            "rule": "identity limit: linking or merging would give a profile more identities of a type than identity.limits allows",
-            "at": crate::segment::timefmt::format_ms(now),
-        })
-        .to_string(),
-    )
+    Some(refusal_entry(None, Some(cause), identities, now))
 }
 
 impl Resolution {

@@ -75,16 +75,12 @@ fn refusal_note(
     } else {
         return None;
     };
-    Some(
-        serde_json::json!({
-            "type": "refused",
-            "message_id": m.message_id,
-            "identities": identities,
-            "rule": "identity limit: linking or merging would give a profile more identities of a type than identity.limits allows",
-            "at": crate::segment::timefmt::format_ms(now),
-        })
-        .to_string(),
-    )
+    Some(crate::grid::registry::refusal_entry(
+        Some(&m.message_id),
+        None,
+        identities,
+        now,
+    ))
 }
 
 /// The ingest service; one per server.

@@ -64,45 +64,49 @@ fn trait_name(v: &Value, path: &str) -> Result<String, CondError> {
 /// Most actions in one mapping.
 pub const MAX_ACTIONS: usize = 256;
 
-/// The fields of a stored message a `from` path may start with (as stored, then as the
-/// Tracking API spells them).
-const MESSAGE_FIELDS: &[&str] = &[
-    "properties",
-    "traits",
-    "context",
-    "event",
-    "name",
-    "category",
-    "type",
-    "timestamp",
-    "received_at",
-    "user_id",
-    "anonymous_id",
-    "group_id",
-    "previous_id",
-    "message_id",
-    "receivedAt",
-    "userId",
-    "anonymousId",
-    "groupId",
-    "previousId",
-    "messageId",
+/// The fields of a stored message a `from` path may start with: (as stored, as the
+/// Tracking API spells it where that differs).
+const MESSAGE_FIELDS: &[(&str, Option<&str>)] = &[
+    ("properties", None),
+    ("traits", None),
+    ("context", None),
+    ("event", None),
+    ("name", None),
+    ("category", None),
+    ("type", None),
+    ("timestamp", None),
+    ("received_at", Some("receivedAt")),
+    ("user_id", Some("userId")),
+    ("anonymous_id", Some("anonymousId")),
+    ("group_id", Some("groupId")),
+    ("previous_id", Some("previousId")),
+    ("message_id", Some("messageId")),
 ];
+
+/// The stored name of a message field written either way (`userId` → `user_id`).
+fn stored_field(name: &str) -> Option<&'static str> {
+    MESSAGE_FIELDS
+        .iter()
+        .find(|(stored, api)| *stored == name || *api == Some(name))
+        .map(|(stored, _)| *stored)
+}
 
 fn from_path(v: Option<&Value>, path: &str) -> Result<Path, CondError> {
     match v {
         Some(Value::String(s)) => {
             let p = Path::parse(s).map_err(|m| CondError::new(path, m))?;
-            let root = p.segments()[0].as_str();
-            if !MESSAGE_FIELDS.contains(&root) {
+            if stored_field(&p.segments()[0]).is_none() {
                 return Err(CondError::new(
                     path,
                     format!(
                         "{} does not start with a message field; a path starts with one of \
-                         properties, traits, context, event, name, category, type, timestamp, \
-                         received_at, user_id, anonymous_id, group_id, previous_id, message_id \
-                         (e.g. properties.plan)",
-                        show_str(s)
+                         {} (e.g. properties.plan)",
+                        show_str(s),
+                        MESSAGE_FIELDS
+                            .iter()
+                            .map(|(stored, _)| *stored)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
@@ -337,15 +341,8 @@ impl Mapping {
 /// Tracking API spells them (`userId`) or as stored (`user_id`).
 fn lookup_message<'a>(message: &'a Value, p: &Path) -> Option<&'a Value> {
     let segs = p.segments();
-    let first = match segs[0].as_str() {
-        "userId" => "user_id",
-        "anonymousId" => "anonymous_id",
-        "groupId" => "group_id",
-        "previousId" => "previous_id",
-        "messageId" => "message_id",
-        "receivedAt" => "received_at",
-        other => other,
-    };
+    // Mappings made before `from` roots were checked may name other fields: as written.
+    let first = stored_field(&segs[0]).unwrap_or(&segs[0]);
     let top = message.get(first)?;
     if segs.len() == 1 {
         return Some(top);
