@@ -8,21 +8,6 @@ use std::process::{Command, Stdio};
 use common::{Opts, Server, names};
 use serde_json::json;
 
-async fn metric(s: &Server, name: &str) -> Option<f64> {
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 #[tokio::test]
 async fn sigterm_flushes_and_exits_zero_and_data_survives_restart() {
     let mut s = Server::start().await;
@@ -102,7 +87,7 @@ async fn shard_count_is_fixed_per_data_dir() {
         ..Default::default()
     })
     .await;
-    assert_eq!(metric(&s, "user360_shards").await, Some(3.0));
+    assert_eq!(s.metric("user360_shards").await, Some(3.0));
     let batch: Vec<serde_json::Value> = (0..50)
         .map(|i| json!({"type": "identify", "userId": format!("s{i}")}))
         .collect();
@@ -117,7 +102,7 @@ async fn shard_count_is_fixed_per_data_dir() {
         },
     )
     .await;
-    assert_eq!(metric(&s2, "user360_shards").await, Some(3.0));
+    assert_eq!(s2.metric("user360_shards").await, Some(3.0));
     assert_eq!(s2.all_profiles().await.len(), 50);
     assert_eq!(s2.get("/v1/profiles/user_id:s49").await.0, 200);
     drop(tmp);

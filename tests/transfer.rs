@@ -739,14 +739,10 @@ async fn mappings_apply_every_action_in_the_events_step() {
     let last = &updates[0]["properties"];
     assert!(last.to_string().contains("plan_changes"), "{last}");
     // The missing `properties.seats` was counted.
-    let (_, metrics) = text(&s, "/metrics").await;
-    let missing: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("user360_mapping_missing_paths_total "))
-        .unwrap_or_else(|| panic!("no missing-path counter in\n{metrics}"))
-        .parse()
-        .unwrap();
-    assert_eq!(missing, 3.0);
+    assert_eq!(
+        s.metric("user360_mapping_missing_paths_total").await,
+        Some(3.0)
+    );
 
     // After DELETE, events no longer update.
     assert_eq!(s.admin("DELETE", "/v1/mappings/plans", None).await.0, 204);
@@ -1308,12 +1304,12 @@ async fn an_erased_person_leaves_the_log_at_the_next_snapshot() {
 
 /// The server's resident memory, from `/metrics`.
 async fn rss(s: &Server) -> f64 {
-    let (_, body) = text(s, "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix("user360_process_rss_bytes "))
-        .and_then(|v| v.trim().parse().ok())
+    s.metric(RSS)
+        .await
         .expect("user360_process_rss_bytes in /metrics")
 }
+
+const RSS: &str = "user360_process_rss_bytes";
 
 #[tokio::test]
 async fn an_export_of_100000_profiles_streams_and_parses_back() {
@@ -1464,15 +1460,10 @@ async fn a_large_import_is_held_back_not_buffered() {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let (peak, done) = (peak.clone(), done.clone());
-        let (http, url) = (s.http.clone(), format!("{}/metrics", s.url));
+        let (http, url) = (s.http.clone(), s.url.clone());
         tokio::spawn(async move {
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let text = http.get(&url).send().await.unwrap().text().await.unwrap();
-                let v: f64 = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("user360_process_rss_bytes "))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap();
+                let v = common::metric_at(&http, &url, RSS).await.expect(RSS);
                 {
                     let mut p = peak.lock().unwrap();
                     *p = p.max(v);

@@ -236,6 +236,11 @@ impl Server {
         split(req.send().await.unwrap()).await
     }
 
+    /// A value of `/metrics` (Prometheus text), if the server reports it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric_at(&self.http, &self.url, name).await
+    }
+
     /// GET with the admin token.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.admin("GET", path, None).await
@@ -371,4 +376,19 @@ impl Rng {
     pub fn range(&mut self, lo: u64, hi_incl: u64) -> u64 {
         lo + self.below(hi_incl - lo + 1)
     }
+}
+
+/// A value of a server's `/metrics` by base URL (for tasks that hold only a client).
+pub async fn metric_at(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
